@@ -1,0 +1,181 @@
+"""The ``ternvlm`` command line: demo, pretrain, eval, generate.
+
+User errors print one line ``ternvlm: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from .errors import TernvlmError
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pre-train the default VLM from scratch on the shapes world"
+    )
+    p.add_argument("--out", required=True, help="output folder (checkpoint/, final/, log.jsonl)")
+    p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--batch-images", type=int, default=32)
+    p.add_argument("--seqs-per-image", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument(
+        "--no-resume", action="store_true", help="start over even if out/checkpoint exists"
+    )
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from .train.pretrain import PretrainConfig, default_model_config, pretrain
+
+    c = PretrainConfig(
+        steps=a.steps,
+        batch_images=a.batch_images,
+        seqs_per_image=a.seqs_per_image,
+        lr=a.lr,
+        seed=a.seed,
+        threads=a.threads,
+        eval_every=a.eval_every,
+        model=default_model_config(512),
+    )
+    command = "ternvlm " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    metrics = pretrain(a.out, c, resume=not a.no_resume, command=command)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and QA accuracy of a model on a data set")
+    p.add_argument("model", help="'default' or a checkpoint folder")
+    p.add_argument(
+        "--data", default="shapes:test", help="shapes:train|val|test or imagefolder:PATH"
+    )
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--threads", type=int, default=2)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from .data.registry import load_eval_set
+    from .eval.evaluate import evaluate
+    from .models.checkpoint import load_checkpoint
+
+    torch.set_num_threads(a.threads)
+    model, proc = load_checkpoint(a.model)
+    data = load_eval_set(a.data, a.limit, model.cfg.vision.image_size)
+    m = evaluate(model, proc, data, progress=not a.json)
+    if a.json:
+        print(json.dumps(m))
+    else:
+        print(format_metrics(m))
+    return 0
+
+
+def format_metrics(m: dict) -> str:
+    lines = [
+        f"data                        {m['data']} ({m['n_images']} images, {m['n_examples']} texts)"
+    ]
+    for k in (
+        "perplexity",
+        "perplexity_mismatched_image",
+        "perplexity_content",
+        "perplexity_content_mismatched_image",
+        "qa_accuracy",
+        "qa_accuracy_novel",
+    ):
+        if k in m:
+            lines.append(f"{k:<36}{m[k]:.4f}")
+    for k, v in m.get("qa_accuracy_by_type", {}).items():
+        lines.append(f"  accuracy[{k}]{'':<{24 - len(k)}}{v:.4f}")
+    return "\n".join(lines)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="answer a question or caption an image")
+    p.add_argument("model", help="'default' or a checkpoint folder")
+    p.add_argument("--image", required=True, help="PNG or JPEG of any size and mode")
+    p.add_argument(
+        "--prompt",
+        default="caption:",
+        help="a question (wrapped as 'question: ... answer:'), or a raw prompt ending with ':'",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def as_prompt(text: str) -> str:
+    """Questions become the model's QA layout; anything ending with ':' is used as is."""
+    from .models.processor import qa_prompt
+
+    text = text.strip()
+    if not text:
+        raise TernvlmError("empty prompt")
+    return text if text.endswith(":") else qa_prompt(text)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .data.images import load_image
+    from .models.checkpoint import load_checkpoint
+    from .models.generate import GenerationConfig, generate
+
+    if a.max_new_tokens < 1:
+        raise TernvlmError("--max-new-tokens must be at least 1")
+    if a.temperature < 0 or a.top_k < 0:
+        raise TernvlmError("--temperature and --top-k must not be negative")
+    image = load_image(a.image)
+    model, proc = load_checkpoint(a.model)
+    g = GenerationConfig(a.max_new_tokens, a.temperature, a.top_k, a.seed)
+    print(generate(model, proc, image, as_prompt(a.prompt), g))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="caption and question generated images with the default model")
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", default="demo_out", help="folder for the picture gallery")
+    p.add_argument("--images", type=int, default=4)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(a.model, a.out, a.images)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ternvlm", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_demo(sub)
+    _add_pretrain(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    return ap
+
+
+COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except TernvlmError as exc:
+        print(f"ternvlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ternvlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

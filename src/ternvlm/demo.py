@@ -1,0 +1,64 @@
+"""``ternvlm demo``: the main job on the embedded default model, end to end in a minute."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .data import shapes
+from .data.registry import shapes_eval_set
+from .eval.evaluate import evaluate
+from .models.checkpoint import load_checkpoint, resolve
+from .models.generate import GenerationConfig, generate
+from .models.processor import CAPTION_PROMPT, qa_prompt
+
+
+def gallery(rows: list[tuple[Image.Image, list[str]]], path: Path) -> None:
+    """Images (upscaled) beside the model's words: easier to judge than text alone."""
+    scale, width, line = 3, 620, 14
+    h = max(64 * scale, 0)
+    sheet = Image.new("RGB", (width, len(rows) * (h + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, texts) in enumerate(rows):
+        y = i * (h + 8)
+        sheet.paste(img.resize((64 * scale, 64 * scale), Image.Resampling.NEAREST), (0, y))
+        for j, t in enumerate(texts):
+            draw.text((64 * scale + 10, y + 4 + j * line), t, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def run_demo(model_name: str = "default", out: str = "demo_out", n_images: int = 4) -> dict:
+    torch.set_num_threads(2)
+    t0 = time.time()
+    model, proc = load_checkpoint(model_name)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {resolve(model_name)} ({n_params / 1e6:.2f}M parameters)")
+    rows = []
+    for i in range(n_images):
+        s = shapes.make_sample("test", i, model.cfg.vision.image_size)
+        cap = generate(model, proc, s.image, CAPTION_PROMPT, GenerationConfig(max_new_tokens=64))
+        texts = [f"caption: {cap}", f"truth:   {s.captions[0]}"]
+        print(f"\nimage {i}: {cap}\n  (truth: {s.captions[0]})")
+        for qa in s.qas[:4]:
+            ans = generate(
+                model, proc, s.image, qa_prompt(qa.question), GenerationConfig(max_new_tokens=8)
+            )
+            mark = "ok" if ans == qa.answer else f"expected {qa.answer}"
+            print(f"  Q: {qa.question}  A: {ans}  [{mark}]")
+            texts.append(f"Q: {qa.question}  A: {ans}  [{mark}]")
+        rows.append((s.image, texts))
+    path = Path(out) / "gallery.png"
+    gallery(rows, path)
+    print(f"\ngallery: {path}")
+    m = evaluate(
+        model, proc, shapes_eval_set("test", None, model.cfg.vision.image_size), progress=True
+    )
+    from .cli import format_metrics
+
+    print("\n" + format_metrics(m))
+    print(f"\ndemo finished in {time.time() - t0:.1f} s")
+    return m

@@ -1,0 +1,134 @@
+"""Checkpoint folders (config.json, model.safetensors, tokenizer.json), written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from ..config import VLMConfig
+from ..errors import TernvlmError
+from .processor import Processor
+from .tokenizer import load_tokenizer
+from .vlm import VLM
+
+CONFIG, WEIGHTS, TOKENIZER, CARD = "config.json", "model.safetensors", "tokenizer.json", "README.md"
+
+
+def default_model_dir() -> Path:
+    """The pre-trained default model shipped inside the package."""
+    return Path(str(resources.files("ternvlm") / "assets" / "default"))
+
+
+def resolve(model: str | Path) -> Path:
+    """``default`` or a checkpoint folder -> folder path (checked to exist)."""
+    path = default_model_dir() if str(model) == "default" else Path(model)
+    if not path.exists():
+        raise TernvlmError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise TernvlmError(f"checkpoint must be a folder with {CONFIG} and {WEIGHTS}: {path}")
+    return path
+
+
+def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmpdir)`` then swap tmpdir into ``target``: readers never see a half folder."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def state_dict_for_save(model: VLM) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.cfg.decoder.tie_embeddings:
+        sd.pop("decoder.lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    out: str | Path,
+    model: VLM,
+    tokenizer: Tokenizer,
+    card: str | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    def write(tmp: Path) -> None:
+        model.cfg.save(tmp / CONFIG)
+        sd = state_dict_for_save(model)
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        tokenizer.save(str(tmp / TOKENIZER))
+        if card:
+            (tmp / CARD).write_text(card)
+        if extra:
+            torch.save(extra, tmp / "train_state.pt")
+
+    atomic_dir(Path(out), write)
+
+
+def load_checkpoint(model: str | Path) -> tuple[VLM, Processor]:
+    """Load a checkpoint folder; every failure becomes a one-line TernvlmError."""
+    path = resolve(model)
+    cfg = VLMConfig.load(path / CONFIG)
+    tok = load_tokenizer(path / TOKENIZER)
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise TernvlmError(f"missing weights: {weights}")
+    try:
+        sd = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TernvlmError(f"corrupt weights {weights}: {exc}") from None
+    net = VLM(cfg)
+    load_weights(net, sd, str(weights))
+    net.eval()
+    return net, Processor(cfg, tok)
+
+
+def load_weights(net: VLM, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load that names missing, unexpected and mis-shaped tensors."""
+    expected = state_dict_for_save(net)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    if shapes:
+        problems.append(
+            "mis-shaped tensors "
+            + ", ".join(
+                f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}" for k in shapes[:5]
+            )
+        )
+    if problems:
+        raise TernvlmError(f"checkpoint {where} does not match its config: " + "; ".join(problems))
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)

@@ -1,0 +1,81 @@
+"""Text generation with the KV cache: prefill image + prompt once, then one token per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .processor import Processor
+from .vlm import VLM
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int = 0
+
+
+def _pick(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator) -> int:
+    if g.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / g.temperature
+    if g.top_k > 0:
+        kth = torch.topk(logits, min(g.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+
+
+@torch.no_grad()
+def generate_ids(
+    model: VLM,
+    prompt_ids: list[int],
+    pixels: torch.Tensor,
+    g: GenerationConfig,
+    use_cache: bool = True,
+) -> list[int]:
+    """New token ids after ``prompt_ids`` (stops at <eos> or the context end)."""
+    model.eval()
+    eos = model.cfg.eos_token_id
+    room = model.cfg.decoder.max_seq_len - len(prompt_ids)
+    steps = max(0, min(g.max_new_tokens, room))
+    gen = torch.Generator().manual_seed(g.seed)
+    feats = model.encode_image(pixels)
+    ids = torch.tensor([prompt_ids])
+    out: list[int] = []
+    if use_cache:
+        cache = model.decoder.new_cache(1)
+        logits = model(ids, image_features=feats, cache=cache)[0, -1]
+        for _ in range(steps):
+            nxt = _pick(logits, g, gen)
+            if nxt == eos:
+                break
+            out.append(nxt)
+            if len(out) == steps:
+                break
+            logits = model(torch.tensor([[nxt]]), cache=cache)[0, -1]
+        return out
+    for _ in range(steps):
+        logits = model(
+            torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1), image_features=feats
+        )[0, -1]
+        nxt = _pick(logits, g, gen)
+        if nxt == eos:
+            break
+        out.append(nxt)
+    return out
+
+
+def generate(
+    model: VLM,
+    processor: Processor,
+    image: Image.Image,
+    prompt: str,
+    g: GenerationConfig | None = None,
+) -> str:
+    g = g or GenerationConfig()
+    enc = processor.encode(prompt)
+    return processor.decode(generate_ids(model, enc.ids, processor.pixels([image]), g))

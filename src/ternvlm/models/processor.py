@@ -1,0 +1,59 @@
+"""Turns (image, prompt, target) into model inputs: the one place that fixes the text layout.
+
+Layout: ``<bos> <image> x image_tokens prompt target <eos>``; loss and metrics use target tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from ..config import VLMConfig
+from ..data.images import to_pixels
+from ..errors import TernvlmError
+
+
+def qa_prompt(question: str) -> str:
+    return f"question: {question} answer:"
+
+
+CAPTION_PROMPT = "caption:"
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    target_start: int  # index of the first target token in ``ids``
+
+
+class Processor:
+    def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        v = self.cfg.vision
+        return to_pixels(images, v.image_size, v.image_mean, v.image_std)
+
+    def tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode(self, prompt: str, target: str | None = None) -> Encoded:
+        """Prompt ids (with image slots) and, when given, `` target<eos>`` appended."""
+        c = self.cfg
+        ids = [c.bos_token_id] + [c.image_token_id] * c.image_tokens + self.tokens(prompt)
+        start = len(ids)
+        if target is not None:
+            ids += self.tokens(" " + target.strip()) + [c.eos_token_id]
+        if len(ids) > c.decoder.max_seq_len:
+            raise TernvlmError(
+                f"prompt is too long: {len(ids)} tokens (with {c.image_tokens} image tokens) "
+                f"> context of {c.decoder.max_seq_len}"
+            )
+        return Encoded(ids, start)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

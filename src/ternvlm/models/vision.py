@@ -1,0 +1,79 @@
+"""SigLIP-style ViT image encoder (patch embedding, learned positions, pre-LN blocks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+from .layers import MLP
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, h, d // h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.self_attn = VisionAttention(cfg.hidden, cfg.heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.hidden, cfg.mlp, "gelu", bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ConvStem(nn.Module):
+    """3x3 stride-2 conv + GELU, then patchify the half-resolution map: finer features for text."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        mid = max(16, cfg.hidden // 4)
+        self.conv1 = nn.Conv2d(3, mid, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(mid, cfg.hidden, cfg.patch_size // 2, stride=cfg.patch_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.gelu(self.conv1(x)))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.stem == "conv":
+            self.patch_embedding = ConvStem(cfg)
+        else:
+            self.patch_embedding = nn.Conv2d(3, cfg.hidden, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden)
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+        self.post_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, H, W] normalised -> patch features [B, num_patches, hidden]."""
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        x = x + self.position_embedding.weight[None]
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
