@@ -44,6 +44,7 @@ class PretrainConfig:
     seed: int = 0
     eval_every: int = 250
     val_scenes: int = 128
+    test_scenes: int | None = None  # final evaluation on shapes:test (None: all of it)
     threads: int = 2
     data_workers: int = 1
     model: VLMConfig = field(default_factory=VLMConfig)
@@ -187,7 +188,7 @@ def pretrain(out: str | Path, c: PretrainConfig, resume: bool = True, command: s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         opt.step()
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}")
         done = step + 1
@@ -213,7 +214,10 @@ def pretrain(out: str | Path, c: PretrainConfig, resume: bool = True, command: s
     seconds = time.time() - t0
     model.eval()
     test = evaluate(
-        model, proc, shapes_eval_set("test", None, c.model.vision.image_size), progress=True
+        model,
+        proc,
+        shapes_eval_set("test", c.test_scenes, c.model.vision.image_size),
+        progress=True,
     )
     card = model_card(c, test, seconds, command)
     save_checkpoint(out / "final", model, tok, card=card)
