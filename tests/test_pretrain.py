@@ -39,6 +39,7 @@ def test_pretrain_writes_checkpoints_and_resumes(tmp_path):
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8, 12]
     assert not list(out.glob(".checkpoint*")) and not list(out.glob(".final*"))
+    assert (out / "curve.png").stat().st_size > 1000
 
 
 def test_train_stream_is_deterministic_by_step(tokenizer):

@@ -24,6 +24,7 @@ from ..data import shapes
 from ..data.batching import Batch, collate
 from ..data.registry import shapes_eval_set
 from ..eval.evaluate import evaluate
+from ..eval.plots import plot_pretrain_log
 from ..models.checkpoint import WEIGHTS, load_weights, save_checkpoint
 from ..models.processor import CAPTION_PROMPT, Processor, qa_prompt
 from ..models.tokenizer import train_tokenizer
@@ -222,4 +223,5 @@ def pretrain(out: str | Path, c: PretrainConfig, resume: bool = True, command: s
     card = model_card(c, test, seconds, command)
     save_checkpoint(out / "final", model, tok, card=card)
     (out / "final" / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
+    plot_pretrain_log(log_path, out / "curve.png")
     return test
