@@ -1,4 +1,4 @@
-"""The ``ternvlm`` command line: demo, pretrain, eval, generate.
+"""The ``ternvlm`` command line: demo, pretrain, ternarize, eval, generate.
 
 User errors print one line ``ternvlm: error: ...`` and exit with status 2.
 """
@@ -46,6 +46,81 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     command = "ternvlm " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     metrics = pretrain(a.out, c, resume=not a.no_resume, command=command)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _add_ternarize(sub) -> None:
+    p = sub.add_parser(
+        "ternarize", help="distil a pre-trained VLM into a ternary or binary one (QAT + KD)"
+    )
+    p.add_argument("model", help="'default' or a float checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (checkpoint/, final/, log.csv)")
+    p.add_argument("--preset", default=None, help="seed (the paper's recipe), ternvlm or binary")
+    p.add_argument("--bits", default=None, choices=["ternary", "binary"])
+    p.add_argument("--init", default=None, help="kmeans, optimal, absmean, twn or random")
+    p.add_argument("--granularity", default=None, help="tensor, row or group:G")
+    p.add_argument("--parts", default=None, help="comma list of vision,connector,decoder")
+    p.add_argument("--scale", default=None, choices=["learned", "recompute"])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the latent weights")
+    p.add_argument("--float-lr", type=float, default=2e-4, help="scales, norms, embeddings")
+    p.add_argument("--batch-images", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--kd-weight", type=float, default=1.0)
+    p.add_argument("--ce-weight", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--val-scenes", type=int, default=64)
+    p.add_argument("--test-scenes", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-workers", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue out/checkpoint")
+
+
+def quant_config_from_args(a: argparse.Namespace):
+    from .quant.config import QuantConfig, preset
+
+    over = {
+        k: v
+        for k, v in {
+            "bits": a.bits,
+            "init": a.init,
+            "granularity": a.granularity,
+            "scale": a.scale,
+            "parts": tuple(a.parts.split(",")) if a.parts else None,
+        }.items()
+        if v is not None
+    }
+    if a.preset:
+        return preset(a.preset, **over)
+    return QuantConfig(**over).validate()
+
+
+def cmd_ternarize(a: argparse.Namespace) -> int:
+    from .train.ternarize import TernarizeConfig, ternarize
+
+    if a.steps < 1:
+        raise TernvlmError("--steps must be at least 1")
+    c = TernarizeConfig(
+        steps=a.steps,
+        lr=a.lr,
+        float_lr=a.float_lr,
+        batch_images=a.batch_images,
+        temperature=a.temperature,
+        kd_weight=a.kd_weight,
+        ce_weight=a.ce_weight,
+        seed=a.seed,
+        eval_every=a.eval_every,
+        val_scenes=a.val_scenes,
+        test_scenes=a.test_scenes,
+        threads=a.threads,
+        data_workers=a.data_workers,
+        quant=quant_config_from_args(a),
+    )
+    command = "ternvlm " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    metrics = ternarize(a.model, a.out, c, resume=a.resume, command=command)
+    if metrics:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -157,12 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_demo(sub)
     _add_pretrain(sub)
+    _add_ternarize(sub)
     _add_eval(sub)
     _add_generate(sub)
     return ap
 
 
-COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate}
+COMMANDS = {
+    "demo": cmd_demo,
+    "pretrain": cmd_pretrain,
+    "ternarize": cmd_ternarize,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,7 @@ class VLMConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     architecture: str = "tinyvlm"
+    quantization_config: dict[str, Any] | None = None  # set on ternary/binary checkpoints
 
     @property
     def image_tokens(self) -> int:

@@ -62,7 +62,13 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def state_dict_for_save(model: VLM) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
+    """Float tensors as saved; ternary/binary layers as packed codes and scales."""
+    if model.cfg.quantization_config is not None:
+        from ..quant.checkpoint import packed_state
+
+        sd = packed_state(model)
+    else:
+        sd = model.state_dict()
     if model.cfg.decoder.tie_embeddings:
         sd.pop("decoder.lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in sd.items()}
@@ -104,6 +110,10 @@ def load_checkpoint(model: str | Path) -> tuple[VLM, Processor]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise TernvlmError(f"corrupt weights {weights}: {exc}") from None
     net = VLM(cfg)
+    if cfg.quantization_config is not None:
+        from ..quant.checkpoint import prepare_quantized
+
+        prepare_quantized(net, cfg.quantization_config)
     load_weights(net, sd, str(weights))
     net.eval()
     return net, Processor(cfg, tok)
@@ -131,4 +141,8 @@ def load_weights(net: VLM, sd: dict[str, torch.Tensor], where: str) -> None:
         )
     if problems:
         raise TernvlmError(f"checkpoint {where} does not match its config: " + "; ".join(problems))
+    if net.cfg.quantization_config is not None:
+        from ..quant.checkpoint import load_packed_
+
+        sd = load_packed_(net, sd, where)
     net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)

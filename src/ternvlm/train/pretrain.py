@@ -63,18 +63,27 @@ def default_model_config(vocab_size: int) -> VLMConfig:
 
 
 class TrainStream(IterableDataset):
-    """Infinite, step-indexed stream of (pixel batch, token batch)."""
+    """Infinite, step-indexed stream of (pixel batch, token batch).
 
-    def __init__(self, processor: Processor, cfg: PretrainConfig, start_step: int) -> None:
+    ``cfg`` needs ``seed``, ``batch_images``, ``seqs_per_image`` and ``caption_prob``. With
+    ``world`` data-parallel processes, process ``rank`` draws batch ``step * world + rank``: every
+    process sees different scenes and a resumed run sees the same ones.
+    """
+
+    def __init__(
+        self, processor: Processor, cfg, start_step: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.processor, self.cfg, self.start = processor, cfg, start_step
+        self.rank, self.world = rank, world
 
     def batch(self, step: int) -> tuple[torch.Tensor, list[Batch]]:
         c = self.cfg
-        rng = random.Random(c.seed * 1_000_003 + step)
+        b = step * self.world + self.rank
+        rng = random.Random(c.seed * 1_000_003 + b)
         images, qa_enc, qa_img, cap_enc, cap_img = [], [], [], [], []
         for j in range(c.batch_images):
             s = shapes.make_sample(
-                "train", step * c.batch_images + j, self.processor.cfg.vision.image_size
+                "train", b * c.batch_images + j, self.processor.cfg.vision.image_size
             )
             images.append(s.image)
             for _ in range(c.seqs_per_image):

@@ -1,0 +1,287 @@
+"""Ternarization: quantization-aware distillation of a pre-trained VLM into a ternary/binary one.
+
+The student is a copy of the teacher whose Linear layers are swapped for QuantLinear (initialised
+from the pre-trained weights, k-means by default); it learns with loss = kd_weight * T^2 *
+KL(teacher || student at temperature T) + ce_weight * cross-entropy, on the answer and caption
+tokens. Runs on Hugging Face Accelerate, so ``accelerate launch --multi_gpu --num_processes 2 -m
+ternvlm.cli ternarize ...`` data-parallelises on CPU (gloo) or GPUs with no code change.
+A killed run resumes with ``--resume`` to the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data.registry import shapes_eval_set
+from ..errors import TernvlmError
+from ..eval.evaluate import evaluate
+from ..models.checkpoint import CONFIG, load_checkpoint, save_checkpoint
+from ..models.vlm import VLM
+from ..quant.api import QuantReport, clip_latents_, quantize_
+from ..quant.config import QuantConfig
+from .pretrain import TrainStream, lr_at
+
+LOG_FIELDS = ["step", "loss", "kd", "ce", "lr", "seconds", "perplexity", "qa_accuracy"]
+
+
+@dataclass
+class TernarizeConfig:
+    steps: int = 600
+    batch_images: int = 16
+    seqs_per_image: int = 4
+    caption_prob: float = 0.15
+    lr: float = 2e-3  # latent weights, in units of the per-group normalizer m
+    float_lr: float = 2e-4  # scales, biases, norms, embeddings
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.5
+    grad_clip: float = 1.0
+    seed: int = 1
+    eval_every: int = 50
+    val_scenes: int = 64
+    test_scenes: int | None = 256
+    threads: int = 2
+    data_workers: int = 1
+    eval_at_start: bool = True
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+
+class StudentStep(nn.Module):
+    """One forward per step over all sub-batches, so DDP sees a single forward call."""
+
+    def __init__(self, student: VLM) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, pixels: torch.Tensor, ids: list[torch.Tensor], index: list[torch.Tensor]):
+        feats = self.student.encode_image(pixels)
+        return [self.student(i, image_features=feats[j]) for i, j in zip(ids, index, strict=True)]
+
+
+def distill_terms(
+    s_logits: list[torch.Tensor],
+    t_logits: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-token KL(teacher || student) * T^2 and cross-entropy over the target tokens."""
+    kd, ce, n = 0.0, 0.0, 0
+    for s, t, y in zip(s_logits, t_logits, labels, strict=True):
+        mask = y != -100
+        s, t, y = s[mask], t[mask], y[mask]
+        kd = kd + F.kl_div(
+            F.log_softmax(s / temperature, -1),
+            F.log_softmax(t / temperature, -1),
+            log_target=True,
+            reduction="sum",
+        ) * (temperature**2)
+        ce = ce + F.cross_entropy(s, y, reduction="sum")
+        n += int(mask.sum())
+    n = max(n, 1)
+    return kd / n, ce / n
+
+
+def _check_resume(ckpt: Path, teacher: VLM, qcfg: QuantConfig) -> None:
+    """Refuse to resume a checkpoint made for another architecture or quantization recipe."""
+    try:
+        saved = json.loads((ckpt / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TernvlmError(f"cannot resume: unreadable {ckpt / CONFIG}: {exc}") from None
+    saved_q = saved.pop("quantization_config", None)
+    mine = json.loads(json.dumps(teacher.cfg.to_dict()))  # tuples -> lists, as saved
+    mine.pop("quantization_config", None)
+    if saved != mine:
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        raise TernvlmError(
+            f"cannot resume: the checkpoint in {ckpt} is for a different architecture "
+            f"(differs in {', '.join(diff)}); nothing was overwritten"
+        )
+    if saved_q != json.loads(json.dumps(qcfg.to_dict())):
+        raise TernvlmError(
+            f"cannot resume: the checkpoint in {ckpt} used another quantization config "
+            f"({saved_q}); nothing was overwritten"
+        )
+
+
+def _param_groups(student: VLM, c: TernarizeConfig) -> list[dict]:
+    latent = [p for n, p in student.named_parameters() if n.endswith(".latent")]
+    other = [p for n, p in student.named_parameters() if not n.endswith(".latent")]
+    return [
+        {"params": latent, "lr": c.lr, "base_lr": c.lr, "weight_decay": 0.0},
+        {"params": other, "lr": c.float_lr, "base_lr": c.float_lr, "weight_decay": 0.0},
+    ]
+
+
+def model_card(c: TernarizeConfig, teacher_m: dict, m: dict, report: QuantReport, cmd: str) -> str:
+    q = c.quant
+    keep = ("perplexity", "perplexity_mismatched_image", "qa_accuracy", "qa_accuracy_novel")
+    rows = "\n".join(
+        f"| {k} | {teacher_m.get(k, float('nan')):.4f} | {m.get(k, float('nan')):.4f} |"
+        for k in keep
+    )
+    return (
+        f"# ternvlm {q.bits} model\n\nDistilled from a pre-trained VLM with quantization-aware "
+        f"training (straight-through estimator).\n\n- command: `{cmd}`\n"
+        f"- bits: {q.bits}, init: {q.init}, granularity: {q.granularity}, parts: "
+        f"{', '.join(q.parts)}, scale: {q.scale}\n- steps: {c.steps}, seed: {c.seed}\n"
+        f"- init: {len(report.layers)} layers, max Lloyd iterations {report.max_iterations}, "
+        f"mean relative L2 error {report.mean_rel_error:.4f}, {report.seconds:.2f} s\n\n"
+        f"| metric (shapes:test) | original | this model |\n|---|---|---|\n{rows}\n\n"
+        f"## Config\n\n```json\n{json.dumps(asdict(c), indent=2, default=str)}\n```\n"
+    )
+
+
+def ternarize(
+    model: str | Path,
+    out: str | Path,
+    c: TernarizeConfig,
+    resume: bool = False,
+    command: str = "",
+) -> dict:
+    """Distil ``model`` into a ternary/binary student; checkpoints in ``out/checkpoint``."""
+    from accelerate import Accelerator
+
+    c.quant.validate()
+    out = Path(out)
+    ckpt = out / "checkpoint"
+    state_path = ckpt / "train_state.pt"
+    if state_path.exists() and not resume:
+        raise TernvlmError(
+            f"{out} already holds a ternarization checkpoint; pass --resume to continue it "
+            "or choose another --out (nothing was overwritten)"
+        )
+    if resume and not state_path.exists() and (out / "final").exists():
+        raise TernvlmError(f"{out} holds a finished run; choose another --out")
+    teacher, proc = load_checkpoint(model)
+    if teacher.cfg.quantization_config is not None:
+        raise TernvlmError("the model to ternarize is already quantized; give the float original")
+    if resume and state_path.exists():
+        _check_resume(ckpt, teacher, c.quant)
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    torch.set_num_threads(max(1, c.threads // acc.num_processes))
+    torch.manual_seed(c.seed)
+    main = acc.is_main_process
+    teacher.requires_grad_(False).eval()
+    student = copy.deepcopy(teacher)
+    report = quantize_(student, c.quant, progress=main)
+    student.cfg.quantization_config = c.quant.to_dict()
+    opt = torch.optim.AdamW(_param_groups(student, c), betas=(0.9, 0.95))
+    start = 0
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = int(state["step"])
+        if main:
+            print(f"resuming from step {start}")
+    step_mod, opt = acc.prepare(StudentStep(student), opt)
+    val = shapes_eval_set("val", c.val_scenes, teacher.cfg.vision.image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_path = out / "teacher_val.json"
+    if main and not teacher_path.exists():
+        teacher_path.write_text(json.dumps(evaluate(teacher, proc, val, mismatched=False)) + "\n")
+    log_path = out / "log.csv"
+    if main and start == 0:
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(LOG_FIELDS)
+
+    def log(row: dict) -> None:
+        with open(log_path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS).writerow(row)
+
+    if main and start == 0 and c.eval_at_start:
+        m0 = evaluate(student, proc, val, mismatched=False)
+        log({"step": 0, "seconds": 0.0, "perplexity": m0["perplexity"], **_acc(m0)})
+    loader = DataLoader(
+        TrainStream(proc, c, start, acc.process_index, acc.num_processes),
+        batch_size=None,
+        num_workers=c.data_workers,
+        prefetch_factor=4 if c.data_workers else None,
+    )
+    it = iter(loader)
+    bar = tqdm(total=c.steps, initial=start, desc=f"ternarize {c.quant.bits}", disable=not main)
+    t0 = time.time()
+    step_mod.train()
+    for step in range(start, c.steps):
+        pixels, batches = next(it)
+        mult = lr_at(step, c) / c.lr
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        ids = [b.input_ids for b in batches]
+        index = [b.image_index for b in batches]
+        with torch.no_grad():
+            tf = teacher.encode_image(pixels)
+            t_logits = [teacher(i, image_features=tf[j]) for i, j in zip(ids, index, strict=True)]
+        s_logits = step_mod(pixels, ids, index)
+        kd, ce = distill_terms(s_logits, t_logits, [b.labels for b in batches], c.temperature)
+        loss = c.kd_weight * kd + c.ce_weight * ce
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(step_mod.parameters(), c.grad_clip)
+        opt.step()
+        clip_latents_(student)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", kd=f"{kd.item():.4f}")
+        if done % c.eval_every == 0 or done == c.steps:
+            if main:
+                m = evaluate(student, proc, val, mismatched=False)
+                step_mod.train()
+                log(
+                    {
+                        "step": done,
+                        "loss": loss.item(),
+                        "kd": kd.item(),
+                        "ce": ce.item(),
+                        "lr": c.lr * mult,
+                        "seconds": time.time() - t0,
+                        "perplexity": m["perplexity"],
+                        **_acc(m),
+                    }
+                )
+                bar.set_postfix(loss=f"{loss.item():.4f}", val_ppl=f"{m['perplexity']:.4f}")
+                extra = {
+                    "student": student.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": done,
+                    "rng": torch.get_rng_state(),
+                    "config": asdict(c),
+                }
+                save_checkpoint(ckpt, student, proc.tokenizer, extra=extra)
+            acc.wait_for_everyone()
+    bar.close()
+    metrics: dict = {}
+    if main:
+        test = shapes_eval_set("test", c.test_scenes, teacher.cfg.vision.image_size)
+        teacher_m = evaluate(teacher, proc, test)
+        metrics = evaluate(student, proc, test)
+        metrics["original"] = {k: v for k, v in teacher_m.items() if not isinstance(v, dict)}
+        metrics["init"] = {
+            "max_iterations": report.max_iterations,
+            "mean_rel_error": report.mean_rel_error,
+            "seconds": report.seconds,
+        }
+        card = model_card(c, teacher_m, metrics, report, command)
+        save_checkpoint(out / "final", student, proc.tokenizer, card=card)
+        (out / "final" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    acc.wait_for_everyone()
+    return metrics
+
+
+def _acc(m: dict) -> dict:
+    return {"qa_accuracy": m["qa_accuracy"]}
