@@ -49,3 +49,14 @@ def default_model():
     from ternvlm.models.checkpoint import load_checkpoint
 
     return load_checkpoint("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tokenizer):
+    """A tiny random float checkpoint folder (the teacher for trainer tests)."""
+    from ternvlm.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny"
+    save_checkpoint(path, VLM(tiny_config(tokenizer.get_vocab_size())), tokenizer)
+    return path

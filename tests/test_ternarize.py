@@ -36,14 +36,6 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tokenizer) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "tiny"
-    save_checkpoint(path, VLM(tiny_config(tokenizer.get_vocab_size())), tokenizer)
-    return path
-
-
 def _cmd(ckpt: Path, out: Path, *extra: str) -> list[str]:
     return ["ternarize", str(ckpt), "--out", str(out), *FAST, *extra]
 

@@ -124,6 +124,49 @@ def cmd_ternarize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_experiment(sub) -> None:
+    p = sub.add_parser("experiment", help="reproducible experiments (inits)")
+    p.add_argument("name", choices=["inits"], help="inits: steps to recover perplexity per init")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="default")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--bits", default="ternary,binary")
+    p.add_argument("--inits", default="kmeans,absmean,twn,random")
+    p.add_argument("--granularity", default="row")
+    p.add_argument("--batch-images", type=int, default=16)
+    p.add_argument("--val-scenes", type=int, default=64)
+    p.add_argument("--test-scenes", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-control", action="store_true", help="skip the float control run")
+
+
+def cmd_experiment(a: argparse.Namespace) -> int:
+    from .experiments.inits import InitExperimentConfig, run_inits
+    from .train.ternarize import TernarizeConfig
+
+    dense = (1, 2, 3, 4, 6, 8, 10, 12, 15, 20, 30, 40, 60, 80)  # targets are often hit early
+    early = tuple(s for s in dense if s < a.steps)
+    c = InitExperimentConfig(
+        model=a.model,
+        bits=tuple(a.bits.split(",")),
+        inits=tuple(a.inits.split(",")),
+        granularity=a.granularity,
+        control=not a.no_control,
+        train=TernarizeConfig(
+            steps=a.steps,
+            eval_every=a.eval_every,
+            eval_early=early,
+            batch_images=a.batch_images,
+            val_scenes=a.val_scenes,
+            test_scenes=a.test_scenes,
+            threads=a.threads,
+        ),
+    )
+    run_inits(a.out, c)
+    return 0
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and QA accuracy of a model on a data set")
     p.add_argument("model", help="'default' or a checkpoint folder")
@@ -217,13 +260,15 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="caption and question generated images with the default model")
     p.add_argument("--model", default="default")
     p.add_argument("--out", default="demo_out", help="folder for the picture gallery")
+    p.add_argument("--ternarize-steps", type=int, default=60, help="distillation budget (0: skip)")
     p.add_argument("--images", type=int, default=4)
+    p.add_argument("--eval-scenes", type=int, default=None, help="test scenes (default: all)")
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(a.model, a.out, a.images)
+    run_demo(a.model, a.out, a.images, a.ternarize_steps, a.eval_scenes)
     return 0
 
 
@@ -233,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_pretrain(sub)
     _add_ternarize(sub)
+    _add_experiment(sub)
     _add_eval(sub)
     _add_generate(sub)
     return ap
@@ -242,6 +288,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "pretrain": cmd_pretrain,
     "ternarize": cmd_ternarize,
+    "experiment": cmd_experiment,
     "eval": cmd_eval,
     "generate": cmd_generate,
 }

@@ -120,9 +120,9 @@ def optimal(w: torch.Tensor, bits: str = "ternary") -> QuantResult:
     For a fixed support of size k the best a is the mean of those |w|, and the error is
     sum(w^2) - S_k^2 / k with S_k the sum of the k largest |w|: scan k over the sorted values.
     """
-    aw = w.abs().float()
+    aw = w.abs().double()  # float32 cumsums over ~1e6 values shift the chosen cut-off
     if bits == "binary":
-        return QuantResult(_sign(w), aw.mean(1).clamp(min=_EPS), 0)
+        return QuantResult(_sign(w), aw.mean(1).float().clamp(min=_EPS), 0)
     srt, order = aw.sort(1, descending=True)
     cs = srt.cumsum(1)
     k = torch.arange(1, aw.shape[1] + 1, dtype=aw.dtype)
@@ -130,7 +130,7 @@ def optimal(w: torch.Tensor, bits: str = "ternary") -> QuantResult:
     a = cs.gather(1, best[:, None])[:, 0] / (best + 1).to(aw.dtype)
     keep_sorted = torch.arange(aw.shape[1])[None, :] <= best[:, None]
     mask = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    return QuantResult((torch.sign(w) * mask).to(torch.int8), a.clamp(min=_EPS), 0)
+    return QuantResult((torch.sign(w) * mask).to(torch.int8), a.float().clamp(min=_EPS), 0)
 
 
 def random_init(w: torch.Tensor, bits: str = "ternary", seed: int = 0) -> QuantResult:

@@ -56,7 +56,8 @@ class TernarizeConfig:
     threads: int = 2
     data_workers: int = 1
     eval_at_start: bool = True
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval_early: tuple[int, ...] = ()  # extra evaluation steps (dense early curves)
+    quant: QuantConfig | None = field(default_factory=QuantConfig)  # None: float control run
 
 
 class StudentStep(nn.Module):
@@ -94,7 +95,7 @@ def distill_terms(
     return kd / n, ce / n
 
 
-def _check_resume(ckpt: Path, teacher: VLM, qcfg: QuantConfig) -> None:
+def _check_resume(ckpt: Path, teacher: VLM, qcfg: QuantConfig | None) -> None:
     """Refuse to resume a checkpoint made for another architecture or quantization recipe."""
     try:
         saved = json.loads((ckpt / CONFIG).read_text())
@@ -109,7 +110,7 @@ def _check_resume(ckpt: Path, teacher: VLM, qcfg: QuantConfig) -> None:
             f"cannot resume: the checkpoint in {ckpt} is for a different architecture "
             f"(differs in {', '.join(diff)}); nothing was overwritten"
         )
-    if saved_q != json.loads(json.dumps(qcfg.to_dict())):
+    if saved_q != (json.loads(json.dumps(qcfg.to_dict())) if qcfg else None):
         raise TernvlmError(
             f"cannot resume: the checkpoint in {ckpt} used another quantization config "
             f"({saved_q}); nothing was overwritten"
@@ -126,7 +127,7 @@ def _param_groups(student: VLM, c: TernarizeConfig) -> list[dict]:
 
 
 def model_card(c: TernarizeConfig, teacher_m: dict, m: dict, report: QuantReport, cmd: str) -> str:
-    q = c.quant
+    q = c.quant or QuantConfig(bits="float", init="none")
     keep = ("perplexity", "perplexity_mismatched_image", "qa_accuracy", "qa_accuracy_novel")
     rows = "\n".join(
         f"| {k} | {teacher_m.get(k, float('nan')):.4f} | {m.get(k, float('nan')):.4f} |"
@@ -154,7 +155,8 @@ def ternarize(
     """Distil ``model`` into a ternary/binary student; checkpoints in ``out/checkpoint``."""
     from accelerate import Accelerator
 
-    c.quant.validate()
+    if c.quant is not None:
+        c.quant.validate()
     out = Path(out)
     ckpt = out / "checkpoint"
     state_path = ckpt / "train_state.pt"
@@ -176,9 +178,11 @@ def ternarize(
     torch.manual_seed(c.seed)
     main = acc.is_main_process
     teacher.requires_grad_(False).eval()
-    student = copy.deepcopy(teacher)
-    report = quantize_(student, c.quant, progress=main)
-    student.cfg.quantization_config = c.quant.to_dict()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    report = QuantReport()
+    if c.quant is not None:
+        report = quantize_(student, c.quant, progress=main)
+        student.cfg.quantization_config = c.quant.to_dict()
     opt = torch.optim.AdamW(_param_groups(student, c), betas=(0.9, 0.95))
     start = 0
     if resume and state_path.exists():
@@ -214,7 +218,8 @@ def ternarize(
         prefetch_factor=4 if c.data_workers else None,
     )
     it = iter(loader)
-    bar = tqdm(total=c.steps, initial=start, desc=f"ternarize {c.quant.bits}", disable=not main)
+    name = c.quant.bits if c.quant else "float control"
+    bar = tqdm(total=c.steps, initial=start, desc=f"ternarize {name}", disable=not main)
     t0 = time.time()
     step_mod.train()
     for step in range(start, c.steps):
@@ -238,7 +243,7 @@ def ternarize(
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", kd=f"{kd.item():.4f}")
-        if done % c.eval_every == 0 or done == c.steps:
+        if done % c.eval_every == 0 or done == c.steps or done in c.eval_early:
             if main:
                 m = evaluate(student, proc, val, mismatched=False)
                 step_mod.train()

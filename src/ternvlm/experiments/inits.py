@@ -1,0 +1,171 @@
+"""The init experiment: does k-means initialization shorten ternarization?
+
+Fine-tunes the same pre-trained model from each init (kmeans, absmean, twn, random; ternary and
+binary) with the same budget, plus a float control trained with the same loss (its cross-entropy
+term is extra training, so a quantized model can end below a non-converged original). Every run
+is a resumable ``ternarize`` run in its own folder: an interrupted experiment continues where it
+stopped. Outputs: ``curves.csv``, ``curves.png``, ``table.md`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..quant.config import QuantConfig
+from ..train.ternarize import TernarizeConfig, ternarize
+
+TARGETS = (1.2, 1.1, 1.05, 1.02)
+
+
+@dataclass
+class InitExperimentConfig:
+    model: str = "default"
+    bits: tuple[str, ...] = ("ternary", "binary")
+    inits: tuple[str, ...] = ("kmeans", "absmean", "twn", "random")
+    granularity: str = "row"
+    control: bool = True
+    train: TernarizeConfig = field(
+        default_factory=lambda: TernarizeConfig(
+            steps=300, eval_every=25, eval_early=(1, 2, 4, 8, 15), test_scenes=256
+        )
+    )
+
+
+def run_names(c: InitExperimentConfig) -> list[tuple[str, QuantConfig | None]]:
+    runs: list[tuple[str, QuantConfig | None]] = []
+    for bits in c.bits:
+        for init in c.inits:
+            if bits == "binary" and init == "twn":
+                continue  # TWN is a ternary method
+            q = QuantConfig(bits=bits, init=init, granularity=c.granularity, name=init)
+            runs.append((f"{bits}-{init}", q.validate()))
+    if c.control:
+        runs.append(("float-control", None))
+    return runs
+
+
+def read_curve(folder: Path) -> list[dict]:
+    with open(folder / "log.csv") as f:
+        return [
+            {
+                "step": int(r["step"]),
+                "perplexity": float(r["perplexity"]),
+                "qa_accuracy": float(r["qa_accuracy"]),
+            }
+            for r in csv.DictReader(f)
+            if r["perplexity"]
+        ]
+
+
+def steps_to(curve: list[dict], target_ppl: float) -> int | None:
+    """First evaluated step whose validation perplexity is at most ``target_ppl``."""
+    return next((p["step"] for p in curve if p["perplexity"] <= target_ppl), None)
+
+
+def summarize(out: Path, names: list[str]) -> dict:
+    teacher = json.loads((out / names[0] / "teacher_val.json").read_text())
+    base = teacher["perplexity"]
+    rows = {}
+    for name in names:
+        curve = read_curve(out / name)
+        final = json.loads((out / name / "final" / "metrics.json").read_text())
+        rows[name] = {
+            "zero_step_ratio": curve[0]["perplexity"] / base if curve[0]["step"] == 0 else None,
+            "steps_to": {str(t): steps_to(curve, t * base) for t in TARGETS},
+            "final_val_ratio": curve[-1]["perplexity"] / base,
+            "test_perplexity": final["perplexity"],
+            "test_qa_accuracy": final["qa_accuracy"],
+            "original_test_perplexity": final["original"]["perplexity"],
+            "original_test_qa_accuracy": final["original"]["qa_accuracy"],
+            "init": final.get("init", {}),
+            "curve": curve,
+        }
+    return {"original_val_perplexity": base, "runs": rows}
+
+
+def table(res: dict) -> str:
+    head = (
+        "| run | step-0 ppl ratio | "
+        + " | ".join(f"steps to {t}x" for t in TARGETS)
+        + " | final val ratio | test ppl | test qa_accuracy |\n"
+    )
+    head += "|---" * (5 + len(TARGETS)) + "|\n"
+    lines = []
+    for name, r in res["runs"].items():
+        z = r["zero_step_ratio"]
+        st = " | ".join("-" if v is None else str(v) for v in r["steps_to"].values())
+        lines.append(
+            f"| {name} | {'-' if z is None else f'{z:.3f}'} | {st} | {r['final_val_ratio']:.3f} "
+            f"| {r['test_perplexity']:.4f} | {r['test_qa_accuracy']:.4f} |"
+        )
+    first = next(iter(res["runs"].values()))
+    foot = (
+        f"\nOriginal model: val perplexity {res['original_val_perplexity']:.4f}, test perplexity "
+        f"{first['original_test_perplexity']:.4f}, test qa_accuracy "
+        f"{first['original_test_qa_accuracy']:.4f}. '-': target not reached within the budget.\n"
+    )
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits = sorted({n.split("-")[0] for n in res["runs"] if not n.startswith("float")})
+    fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4.2), squeeze=False)
+    base = res["original_val_perplexity"]
+    for ax, b in zip(axes[0], bits, strict=True):
+        for name, r in res["runs"].items():
+            if name.startswith(b) or name.startswith("float"):
+                xs = [p["step"] for p in r["curve"]]
+                ys = [p["perplexity"] / base for p in r["curve"]]
+                ax.plot(xs, ys, marker=".", label=name, ls="--" if "float" in name else "-")
+        for t in TARGETS:
+            ax.axhline(t, color="grey", lw=0.6, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("val perplexity / original")
+        ax.set_title(f"{b}: perplexity recovery by init")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_curves_csv(res: dict, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "step", "perplexity", "ratio", "qa_accuracy"])
+        base = res["original_val_perplexity"]
+        for name, r in res["runs"].items():
+            for p in r["curve"]:
+                w.writerow(
+                    [name, p["step"], p["perplexity"], p["perplexity"] / base, p["qa_accuracy"]]
+                )
+
+
+def run_inits(out: str | Path, c: InitExperimentConfig) -> dict:
+    """Run (or continue) every init's fine-tuning, then write the CSV, plot and table."""
+    out = Path(out)
+    runs = run_names(c)
+    for name, q in runs:
+        folder = out / name
+        if (folder / "final" / "metrics.json").exists():
+            print(f"{name}: done, skipping")
+            continue
+        resume = (folder / "checkpoint" / "train_state.pt").exists()
+        cfg = replace(c.train, quant=q)
+        ternarize(c.model, folder, cfg, resume=resume, command=f"experiment inits: {name}")
+    res = summarize(out, [n for n, _ in runs])
+    write_curves_csv(res, out / "curves.csv")
+    plot(res, out / "curves.png")
+    md = table(res)
+    (out / "table.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(md)
+    return res
