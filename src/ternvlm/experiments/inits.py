@@ -128,6 +128,7 @@ def plot(res: dict, path: Path) -> None:
         for t in TARGETS:
             ax.axhline(t, color="grey", lw=0.6, ls=":")
         ax.set_yscale("log")
+        ax.set_ylim(0.98, 2.0)  # the targets live here; far-off curves (random) leave the frame
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("val perplexity / original")
         ax.set_title(f"{b}: perplexity recovery by init")
