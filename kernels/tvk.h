@@ -1,0 +1,99 @@
+// ternvlm compute kernels: ternary / binary weight matmuls with a C ABI.
+//
+// These are the bodies of ternvlm's LiteRT custom operators. They take plain
+// pointers and sizes so that any runtime (LiteRT, ctypes, tests) can call them.
+//
+//   y[M, N] = x[M, K] . dequant(W)[N, K]^T  * scale  (+ bias)  (clamped)
+//
+// Packed weights: N rows, each row packed on its own and padded at its end.
+//   2bit   : 4 codes per byte, code q stored as q+1 in bits 2i..2i+1 of byte
+//            k/4 (i = k%4). Row = ceil(K/4) bytes. Stored value 3 decodes to
+//            q = 2 (never produced by the packer; kept to match pack.unpack).
+//   1.6bit : 5 trits per byte, byte = sum_i (q_i+1) * 3^i. Row = ceil(K/5)
+//            bytes. Bytes > 242 decode digit-wise like pack.unpack does.
+//   1bit   : bit i of byte k/8 is 1 for +1, 0 for -1. Row = ceil(K/8) bytes.
+//
+// scale is [N, scale_cols] row-major; scale_cols must divide K and the group
+// size is G = K / scale_cols (scale_cols == 1: one scale per output row; a
+// per-tensor scale is passed as a per-row scale repeated by the caller):
+//   y[m, n] = sum_g scale[n, g] * sum_{k in group g} x[m, k] * q[n, k]
+// bias ([N]) may be NULL. clip <= 0 disables clipping, otherwise y is clamped
+// to [-clip, clip]. threads in [1, 64]; threads == 1 runs on the caller.
+//
+// Every function returns TVK_OK (0) or a negative TVK_ERR_* code and never
+// crashes on bad sizes or NULL pointers. Calls are thread-safe; concurrent
+// multi-threaded calls share one worker pool and are serialised.
+#ifndef TERNVLM_KERNELS_TVK_H_
+#define TERNVLM_KERNELS_TVK_H_
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define TVK_API __declspec(dllexport)
+#else
+#define TVK_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+  TVK_OK = 0,
+  TVK_ERR_NULL_POINTER = -1,
+  TVK_ERR_BAD_SHAPE = -2,
+  TVK_ERR_BAD_SCALE = -3,
+  TVK_ERR_BAD_THREADS = -4,
+  TVK_ERR_BAD_CLIP = -5,
+  TVK_ERR_INTERNAL = -6,
+};
+
+// Implementation paths for tvk_force_path / tvk_active_path.
+enum {
+  TVK_PATH_AUTO = 0,
+  TVK_PATH_SCALAR = 1,
+  TVK_PATH_AVX2 = 2,
+  TVK_PATH_NEON = 3,  // reserved: no NEON kernels yet, ARM runs scalar
+};
+
+TVK_API int tvk_ternary_matmul_2bit(const float* x, int64_t M, int64_t K,
+                                    const uint8_t* w, int64_t N,
+                                    const float* scale, int64_t scale_cols,
+                                    const float* bias, float clip, float* y,
+                                    int threads);
+TVK_API int tvk_ternary_matmul_1p6bit(const float* x, int64_t M, int64_t K,
+                                      const uint8_t* w, int64_t N,
+                                      const float* scale, int64_t scale_cols,
+                                      const float* bias, float clip, float* y,
+                                      int threads);
+TVK_API int tvk_binary_matmul_1bit(const float* x, int64_t M, int64_t K,
+                                   const uint8_t* w, int64_t N,
+                                   const float* scale, int64_t scale_cols,
+                                   const float* bias, float clip, float* y,
+                                   int threads);
+
+// out[n, k] = q[n, k] * scale[n, k / G]  (dequantized float32 [N, K]).
+TVK_API int tvk_ternary_unpack_2bit(const uint8_t* w, int64_t N, int64_t K,
+                                    const float* scale, int64_t scale_cols,
+                                    float* out, int threads);
+TVK_API int tvk_ternary_unpack_1p6bit(const uint8_t* w, int64_t N, int64_t K,
+                                      const float* scale, int64_t scale_cols,
+                                      float* out, int threads);
+TVK_API int tvk_binary_unpack_1bit(const uint8_t* w, int64_t N, int64_t K,
+                                   const float* scale, int64_t scale_cols,
+                                   float* out, int threads);
+
+// Static, never NULL; "unknown error code" for codes not listed above.
+TVK_API const char* tvk_error_string(int code);
+
+// Process-wide switch for tests and benchmarks. Unknown values are ignored;
+// forcing a path the CPU lacks falls back to scalar (see tvk_active_path).
+TVK_API void tvk_force_path(int path);
+// The path the next call will run: TVK_PATH_SCALAR or TVK_PATH_AVX2.
+TVK_API int tvk_active_path(void);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+
+#endif  // TERNVLM_KERNELS_TVK_H_

@@ -1,0 +1,1 @@
+"""Runtime pieces for deployment: the compiled ternary/binary compute kernels (``kernels``)."""

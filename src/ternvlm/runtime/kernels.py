@@ -1,0 +1,214 @@
+"""numpy access to the compiled kernels in ``ternvlm._kernels`` (C ABI in kernels/tvk.h).
+
+The extension is built by ``pip install [-e] .``; it is loaded with ctypes on first use.
+Arguments are checked here (dtype, shape, contiguity) because the C side only sees pointers;
+the C side checks sizes, scale groups and thread counts. Every problem raises TernvlmError.
+
+    y = ternary_matmul(x, packed, k, scale)          # x [M, k] f32, packed [N, bytes] u8
+    y = ternary_matmul(x, packed, k, scale, bias=b, clip=6.0, fmt="1.6bit", threads=2)
+
+``scale`` is [N] (per row) or [N, C] with C dividing k (one scale per group of k // C columns).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import numbers
+
+import numpy as np
+
+from ..errors import TernvlmError
+from ..quant.pack import packed_row_bytes
+
+PATHS = {"auto": 0, "scalar": 1, "avx2": 2}
+_PATH_NAMES = {1: "scalar", 2: "avx2", 3: "neon"}
+_MATMUL = {
+    "2bit": "tvk_ternary_matmul_2bit",
+    "1.6bit": "tvk_ternary_matmul_1p6bit",
+    "1bit": "tvk_binary_matmul_1bit",
+}
+_UNPACK = {
+    "2bit": "tvk_ternary_unpack_2bit",
+    "1.6bit": "tvk_ternary_unpack_1p6bit",
+    "1bit": "tvk_binary_unpack_1bit",
+}
+_lib: ctypes.CDLL | None = None
+
+
+def _library() -> ctypes.CDLL:
+    """Load the extension once and declare the C signatures."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    spec = importlib.util.find_spec("ternvlm._kernels")
+    if spec is None or not spec.origin:
+        raise TernvlmError("compiled kernels ternvlm._kernels not found; run `pip install -e .`")
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as e:
+        raise TernvlmError(f"cannot load compiled kernels {spec.origin}: {e}") from None
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    for name in _MATMUL.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [p, i64, i64, p, i64, p, i64, p, f32, p, i32]
+        fn.restype = i32
+    for name in _UNPACK.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [p, i64, i64, p, i64, p, i32]
+        fn.restype = i32
+    lib.tvk_error_string.argtypes = [i32]
+    lib.tvk_error_string.restype = ctypes.c_char_p
+    lib.tvk_force_path.argtypes = [i32]
+    lib.tvk_force_path.restype = None
+    lib.tvk_active_path.argtypes = []
+    lib.tvk_active_path.restype = i32
+    _lib = lib
+    return lib
+
+
+def _array(name: str, a, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """``a`` must already be a C-contiguous, aligned ndarray of ``dtype`` and ``shape``."""
+    if not isinstance(a, np.ndarray):
+        raise TernvlmError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TernvlmError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if a.shape != shape:
+        raise TernvlmError(f"{name} has shape {a.shape}, expected {shape}")
+    if not (a.flags.c_contiguous and a.flags.aligned):
+        raise TernvlmError(f"{name} must be C-contiguous and aligned")
+    return a
+
+
+def _int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TernvlmError(f"{name} must be an integer, got {v!r}")
+    v = int(v)
+    if not -(2**31) <= v < 2**31:  # C int; the kernel reports the real range
+        raise TernvlmError(f"{name}={v} is out of range")
+    return v
+
+
+def _fmt(fmt: str, allowed: tuple[str, ...]) -> str:
+    if fmt not in allowed:
+        raise TernvlmError(f"unknown format {fmt!r}; expected one of {', '.join(allowed)}")
+    return fmt
+
+
+def _weights(packed, k, scale, fmt: str) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """Check packed [N, row bytes] and scale [N] / [N, C]; returns (packed, k, scale, C)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+        raise TernvlmError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    if not isinstance(packed, np.ndarray) or packed.ndim != 2:
+        raise TernvlmError(f"packed must be a 2-D numpy array [N, {packed_row_bytes(k, fmt)}]")
+    n = packed.shape[0]
+    _array("packed", packed, np.uint8, (n, packed_row_bytes(k, fmt)))
+    if not isinstance(scale, np.ndarray) or scale.ndim not in (1, 2):
+        raise TernvlmError(f"scale must be a numpy array [N] or [N, C] with N={n}")
+    cols = 1 if scale.ndim == 1 else scale.shape[1]
+    _array("scale", scale, np.float32, (n,) if scale.ndim == 1 else (n, cols))
+    return packed, k, scale, cols
+
+
+def _check(code: int, fn: str) -> None:
+    if code != 0:
+        msg = _library().tvk_error_string(code).decode()
+        raise TernvlmError(f"{fn}: {msg} (error {code})")
+
+
+def _matmul(x, packed, k, scale, bias, clip, fmt: str, threads) -> np.ndarray:
+    packed, k, scale, cols = _weights(packed, k, scale, fmt)
+    n = packed.shape[0]
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise TernvlmError(f"x must be a 2-D numpy array [M, {k}]")
+    _array("x", x, np.float32, (x.shape[0], k))
+    if bias is not None:
+        _array("bias", bias, np.float32, (n,))
+    if clip is None:
+        clip_value = 0.0
+    elif isinstance(clip, numbers.Real) and not isinstance(clip, bool) and clip > 0:
+        clip_value = float(clip)  # NaN fails `clip > 0`
+    else:
+        raise TernvlmError(f"clip must be a positive number or None, got {clip!r}")
+    threads = _int("threads", threads)
+    y = np.empty((x.shape[0], n), dtype=np.float32)
+    name = _MATMUL[fmt]
+    code = getattr(_library(), name)(
+        x.ctypes.data,
+        x.shape[0],
+        k,
+        packed.ctypes.data,
+        n,
+        scale.ctypes.data,
+        cols,
+        None if bias is None else bias.ctypes.data,
+        clip_value,
+        y.ctypes.data,
+        threads,
+    )
+    _check(code, name)
+    return y
+
+
+def ternary_matmul(
+    x, packed, k, scale, bias=None, clip=None, fmt: str = "2bit", threads: int = 1
+) -> np.ndarray:
+    """y [M, N] = x [M, k] @ (codes * scale)^T (+ bias, clamped to [-clip, clip]); float32."""
+    return _matmul(x, packed, k, scale, bias, clip, _fmt(fmt, ("2bit", "1.6bit")), threads)
+
+
+def binary_matmul(x, packed, k, scale, bias=None, clip=None, threads: int = 1) -> np.ndarray:
+    """Like ternary_matmul for 1-bit packed {-1, +1} weights."""
+    return _matmul(x, packed, k, scale, bias, clip, "1bit", threads)
+
+
+def _unpack(packed, k, scale, fmt: str, threads) -> np.ndarray:
+    packed, k, scale, cols = _weights(packed, k, scale, fmt)
+    threads = _int("threads", threads)
+    out = np.empty((packed.shape[0], k), dtype=np.float32)
+    name = _UNPACK[fmt]
+    code = getattr(_library(), name)(
+        packed.ctypes.data, packed.shape[0], k, scale.ctypes.data, cols, out.ctypes.data, threads
+    )
+    _check(code, name)
+    return out
+
+
+def ternary_unpack(packed, k, scale, fmt: str = "2bit", threads: int = 1) -> np.ndarray:
+    """Dequantized float32 weights [N, k] = codes * scale (per row or per group)."""
+    return _unpack(packed, k, scale, _fmt(fmt, ("2bit", "1.6bit")), threads)
+
+
+def binary_unpack(packed, k, scale, threads: int = 1) -> np.ndarray:
+    """Dequantized float32 weights [N, k] of 1-bit packed {-1, +1} codes."""
+    return _unpack(packed, k, scale, "1bit", threads)
+
+
+def force_path(name: str) -> None:
+    """Force "scalar" or "avx2" for all later calls in this process ("auto" undoes it)."""
+    if name not in PATHS:
+        raise TernvlmError(f"unknown kernel path {name!r}; expected one of {', '.join(PATHS)}")
+    lib = _library()
+    lib.tvk_force_path(PATHS[name])
+    if name != "auto" and active_path() != name:
+        lib.tvk_force_path(PATHS["auto"])
+        raise TernvlmError(f"kernel path {name!r} is not available on this CPU or build")
+
+
+def active_path() -> str:
+    """The path the next call runs: "scalar" or "avx2"."""
+    return _PATH_NAMES[_library().tvk_active_path()]
+
+
+def available_paths() -> list[str]:
+    """Paths force_path accepts on this machine (besides "auto")."""
+    lib = _library()
+    current = lib.tvk_active_path()
+    found = ["scalar"]
+    lib.tvk_force_path(PATHS["auto"])
+    if lib.tvk_active_path() == PATHS["avx2"]:
+        found.append("avx2")
+    # restore: auto resolves to the best path, so only a forced scalar needs re-forcing
+    lib.tvk_force_path(PATHS["scalar"] if current == PATHS["scalar"] else PATHS["auto"])
+    return found
