@@ -139,6 +139,8 @@ def _add_experiment(sub) -> None:
     p.add_argument("--test-scenes", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-control", action="store_true", help="skip the float control run")
+    p.add_argument("--seeds", default="1", help="comma list; several give an aggregate table")
+    p.add_argument("--warmup", type=int, default=20, help="linear lr warm-up steps")
 
 
 def cmd_experiment(a: argparse.Namespace) -> int:
@@ -153,7 +155,9 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         inits=tuple(a.inits.split(",")),
         granularity=a.granularity,
         control=not a.no_control,
+        seeds=tuple(int(x) for x in a.seeds.split(",")),
         train=TernarizeConfig(
+            warmup=a.warmup,
             steps=a.steps,
             eval_every=a.eval_every,
             eval_early=early,

@@ -27,6 +27,7 @@ class InitExperimentConfig:
     inits: tuple[str, ...] = ("kmeans", "absmean", "twn", "random")
     granularity: str = "row"
     control: bool = True
+    seeds: tuple[int, ...] = (1,)  # several seeds: one sub-folder each, plus an aggregate table
     train: TernarizeConfig = field(
         default_factory=lambda: TernarizeConfig(
             steps=300, eval_every=25, eval_early=(1, 2, 4, 8, 15), test_scenes=256
@@ -150,9 +151,59 @@ def write_curves_csv(res: dict, path: Path) -> None:
                 )
 
 
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Steps-to per run and target over seeds: the list, the mean, and how often each run won."""
+    seeds = sorted(per_seed)
+    names = list(per_seed[seeds[0]]["runs"])
+    agg: dict = {"seeds": seeds, "runs": {}}
+    for name in names:
+        row = {}
+        for t in TARGETS:
+            vals = [per_seed[s]["runs"][name]["steps_to"][str(t)] for s in seeds]
+            reached = [v for v in vals if v is not None]
+            row[str(t)] = {
+                "per_seed": vals,
+                "mean": sum(reached) / len(reached) if len(reached) == len(vals) else None,
+            }
+        row["zero_step_ratio"] = [per_seed[s]["runs"][name]["zero_step_ratio"] for s in seeds]
+        row["test_perplexity"] = [per_seed[s]["runs"][name]["test_perplexity"] for s in seeds]
+        agg["runs"][name] = row
+    return agg
+
+
+def aggregate_table(agg: dict) -> str:
+    head = "| run | " + " | ".join(f"steps to {t}x: mean (per seed)" for t in TARGETS) + " |\n"
+    head += "|---" * (1 + len(TARGETS)) + "|\n"
+    lines = []
+    for name, r in agg["runs"].items():
+        cells = []
+        for t in TARGETS:
+            v = r[str(t)]
+            per = "/".join("-" if x is None else str(x) for x in v["per_seed"])
+            cells.append(f"{'-' if v['mean'] is None else format(v['mean'], '.1f')} ({per})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + f"\n\nSeeds: {agg['seeds']} (data order of fine-tuning).\n"
+
+
 def run_inits(out: str | Path, c: InitExperimentConfig) -> dict:
-    """Run (or continue) every init's fine-tuning, then write the CSV, plot and table."""
+    """Run (or continue) every init's fine-tuning, then write the CSV, plot and table.
+
+    With several seeds each seed's experiment lives in ``out/seed<N>`` and ``out/table.md``
+    aggregates them: a one-seed step count can tie by chance (targets are crossed at the end
+    of the warm-up), several seeds tell a real lead from luck.
+    """
     out = Path(out)
+    if len(c.seeds) > 1:
+        per_seed = {
+            s: run_inits(out / f"seed{s}", replace(c, seeds=(s,), train=replace(c.train, seed=s)))
+            for s in c.seeds
+        }
+        agg = aggregate(per_seed)
+        md = aggregate_table(agg)
+        (out / "table.md").write_text(md)
+        (out / "results.json").write_text(json.dumps(agg, indent=2) + "\n")
+        print(md)
+        return agg
     runs = run_names(c)
     for name, q in runs:
         folder = out / name

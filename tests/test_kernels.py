@@ -1,0 +1,324 @@
+"""Compiled kernels (ternvlm.runtime.kernels) against numpy and against their own scalar path."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ternvlm.errors import TernvlmError
+from ternvlm.quant.pack import pack, packed_row_bytes, unpack
+from ternvlm.runtime import kernels
+
+FORMATS = ["2bit", "1.6bit", "1bit"]
+PATHS = kernels.available_paths()
+RTOL = 1e-4  # relative to sum_k |x| |w| (+ |bias|): float32 sums in any order stay well inside
+
+
+@pytest.fixture(autouse=True)
+def _auto_path():
+    yield
+    kernels.force_path("auto")
+
+
+def random_codes(rng, n, k, fmt, p_zero=0.3):
+    if fmt == "1bit":
+        return rng.choice([-1, 1], size=(n, k))
+    return rng.choice([-1, 0, 1], size=(n, k), p=[(1 - p_zero) / 2, p_zero, (1 - p_zero) / 2])
+
+
+def matmul(fmt, x, packed, k, scale, **kw):
+    if fmt == "1bit":
+        return kernels.binary_matmul(x, packed, k, scale, **kw)
+    return kernels.ternary_matmul(x, packed, k, scale, fmt=fmt, **kw)
+
+
+def unpack_kernel(fmt, packed, k, scale, **kw):
+    if fmt == "1bit":
+        return kernels.binary_unpack(packed, k, scale, **kw)
+    return kernels.ternary_unpack(packed, k, scale, fmt=fmt, **kw)
+
+
+def dequant(packed, k, scale, fmt):
+    """float64 reference weights [N, k] from the Python unpacker."""
+    s = scale.astype(np.float64).reshape(packed.shape[0], -1)
+    return unpack(packed, k, fmt).astype(np.float64) * np.repeat(s, k // s.shape[1], axis=1)
+
+
+def reference(x, w, bias, clip):
+    y = x.astype(np.float64) @ w.T
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    if bias is not None:
+        y = y + bias
+        mag = mag + np.abs(bias)
+    if clip is not None:
+        y = np.clip(y, -clip, clip)
+    return y, mag
+
+
+def assert_close(y, ref, mag):
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    bad = np.abs(y - ref) > RTOL * mag
+    assert not bad.any(), f"{bad.sum()} elements off, worst {np.abs(y - ref).max()}"
+
+
+def check_all_paths(fmt, x, packed, k, scale, bias=None, clip=None):
+    """Every path and thread count against numpy, against scalar, and threads 1 == 2 bitwise."""
+    w = dequant(packed, k, scale, fmt)
+    ref, mag = reference(x, w, bias, clip)
+    scalar = None
+    for path in PATHS:
+        kernels.force_path(path)
+        assert kernels.active_path() == path
+        y1 = matmul(fmt, x, packed, k, scale, bias=bias, clip=clip, threads=1)
+        y2 = matmul(fmt, x, packed, k, scale, bias=bias, clip=clip, threads=2)
+        assert_close(y1, ref, mag)
+        np.testing.assert_array_equal(y1, y2)  # threads only split N
+        if scalar is None:
+            scalar = y1
+        else:
+            assert_close(y1, scalar.astype(np.float64), mag)
+        for threads in (1, 2):
+            u = unpack_kernel(fmt, packed, k, scale, threads=threads)
+            np.testing.assert_array_equal(u, w.astype(np.float32))  # q * s is exact
+    return scalar
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fmt=st.sampled_from(FORMATS),
+    m=st.integers(1, 9),
+    k=st.integers(1, 300),
+    n=st.integers(1, 40),
+    group_pick=st.integers(0, 1000),
+    per_group=st.booleans(),
+    use_bias=st.booleans(),
+    use_clip=st.booleans(),
+    raw_bytes=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_shapes(fmt, m, k, n, group_pick, per_group, use_bias, use_clip, raw_bytes, seed):
+    rng = np.random.default_rng(seed)
+    divisors = [d for d in range(1, k + 1) if k % d == 0]
+    cols = divisors[group_pick % len(divisors)] if per_group else 1
+    if raw_bytes:  # any byte: unused code values and padding bits must behave like unpack()
+        packed = rng.integers(0, 256, size=(n, packed_row_bytes(k, fmt)), dtype=np.uint8)
+    else:
+        packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    scale = rng.uniform(0.01, 2.0, size=(n, cols) if per_group else (n,)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    clip = None
+    if use_clip:
+        raw, _ = reference(x, dequant(packed, k, scale, fmt), bias, None)
+        clip = float(0.5 * np.abs(raw).max()) or 1.0
+    check_all_paths(fmt, x, packed, k, scale, bias, clip)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    ("m", "k", "n", "cols"),
+    [
+        (1, 1, 1, 1),  # smallest
+        (7, 1, 3, 1),  # K=1, M>1
+        (5, 13, 1, 1),  # N=1
+        (1, 4, 9, 2),
+        (3, 5, 9, 5),
+        (2, 8, 9, 4),
+        (1, 40, 17, 8),  # group of 5: not byte aligned in 2bit/1bit
+        (1, 64, 33, 2),  # whole dwords of codes
+        (4, 96, 12, 3),
+        (5, 96, 12, 3),  # first M that takes the blocked path
+        (1, 1305, 19, 1),  # K crosses the 640-column tile, not a multiple of 4 or 8
+        (6, 1320, 21, 10),  # tiles x groups of 132 (not a multiple of 5 or 8)
+        (9, 2048, 10, 16),
+    ],
+)
+def test_edge_shapes(fmt, m, k, n, cols):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    scale = rng.uniform(0.1, 1.0, size=(n, cols)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    check_all_paths(fmt, x, packed, k, scale)
+    check_all_paths(fmt, x, packed, k, scale, bias=bias, clip=0.7)
+
+
+@pytest.mark.parametrize("fmt", ["2bit", "1.6bit"])
+@pytest.mark.parametrize("m", [1, 6])
+def test_all_zero_codes_give_bias(fmt, m):
+    k, n = 77, 11
+    packed = pack(np.zeros((n, k), dtype=np.int64), fmt)
+    x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
+    scale = np.full(n, 3.0, dtype=np.float32)
+    bias = np.arange(n, dtype=np.float32) - 5
+    for path in PATHS:
+        kernels.force_path(path)
+        np.testing.assert_array_equal(matmul(fmt, x, packed, k, scale), np.zeros((m, n)))
+        y = matmul(fmt, x, packed, k, scale, bias=bias, clip=2.5, threads=2)
+        np.testing.assert_array_equal(y, np.broadcast_to(np.clip(bias, -2.5, 2.5), (m, n)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 5])
+def test_large_values(fmt, m):
+    rng = np.random.default_rng(1)
+    k, n = 300, 7
+    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = (rng.standard_normal((m, k)) * 1e6).astype(np.float32)
+    scale = rng.uniform(1e3, 1e4, size=(n, 3)).astype(np.float32)
+    y = check_all_paths(fmt, x, packed, k, scale)
+    assert np.isfinite(y).all() and np.abs(y).max() > 1e9
+
+
+def test_thread_count_changes_and_concurrent_callers():
+    rng = np.random.default_rng(2)
+    k, n = 520, 45
+    packed = pack(random_codes(rng, n, k, "2bit"), "2bit")
+    scale = rng.uniform(0.5, 1.0, size=n).astype(np.float32)
+    xs = [rng.standard_normal((m, k)).astype(np.float32) for m in (1, 3, 8)]
+    want = [kernels.ternary_matmul(x, packed, k, scale) for x in xs]
+    for threads in (2, 3, 1, 4, 2):  # the pool is resized each time
+        for x, y in zip(xs, want, strict=True):
+            np.testing.assert_array_equal(
+                kernels.ternary_matmul(x, packed, k, scale, threads=threads), y
+            )
+
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(20):
+                t = 1 + (i + j) % 3
+                x, y = xs[j % 3], want[j % 3]
+                np.testing.assert_array_equal(
+                    kernels.ternary_matmul(x, packed, k, scale, threads=t), y
+                )
+        except Exception as e:  # reported below: a failing thread must fail the test
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors
+
+
+def test_paths():
+    assert "scalar" in PATHS
+    kernels.force_path("scalar")
+    assert kernels.active_path() == "scalar"
+    kernels.force_path("auto")
+    assert kernels.active_path() == PATHS[-1]
+    with pytest.raises(TernvlmError, match="unknown kernel path"):
+        kernels.force_path("gpu")
+
+
+def _ok_args(fmt="2bit", m=2, k=10, n=3):
+    rng = np.random.default_rng(0)
+    return (
+        rng.standard_normal((m, k)).astype(np.float32),
+        pack(random_codes(rng, n, k, fmt), fmt),
+        k,
+        np.ones(n, dtype=np.float32),
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a: {**a, "x": a["x"].astype(np.float64)}, "x must be float32"),
+        (lambda a: {**a, "x": a["x"].tolist()}, "x must be a 2-D numpy array"),
+        (lambda a: {**a, "x": a["x"][:, 0]}, "x must be a 2-D"),
+        (lambda a: {**a, "x": np.asfortranarray(np.ones((10, 2), np.float32).T)}, "C-contiguous"),
+        (lambda a: {**a, "x": np.ones((2, 20), np.float32)[:, ::2]}, "C-contiguous"),
+        (lambda a: {**a, "x": np.ones((0, 10), np.float32)}, "M, K and N"),
+        (lambda a: {**a, "packed": a["packed"].view(np.int8)}, "packed must be uint8"),
+        (lambda a: {**a, "packed": np.zeros((3, 4), np.uint8)}, "packed has shape"),
+        (lambda a: {**a, "packed": np.zeros(3, np.uint8)}, "packed must be a 2-D"),
+        (lambda a: {**a, "k": 0}, "k must be a positive integer"),
+        (lambda a: {**a, "k": 10.0}, "k must be a positive integer"),
+        (lambda a: {**a, "scale": a["scale"].astype(np.float64)}, "scale must be float32"),
+        (lambda a: {**a, "scale": np.ones(4, np.float32)}, "scale has shape"),
+        (lambda a: {**a, "scale": np.ones((3, 3), np.float32)}, "divide K"),
+        (lambda a: {**a, "bias": np.ones(4, np.float32)}, "bias has shape"),
+        (lambda a: {**a, "bias": np.ones(3, np.float64)}, "bias must be float32"),
+        (lambda a: {**a, "clip": 0.0}, "clip must be a positive"),
+        (lambda a: {**a, "clip": -1.0}, "clip must be a positive"),
+        (lambda a: {**a, "clip": float("nan")}, "clip must be a positive"),
+        (lambda a: {**a, "threads": 0}, "threads must be in"),
+        (lambda a: {**a, "threads": 65}, "threads must be in"),
+        (lambda a: {**a, "threads": -(2**40)}, "out of range"),
+        (lambda a: {**a, "threads": 1.5}, "threads must be an integer"),
+        (lambda a: {**a, "fmt": "1bit"}, "unknown format"),
+        (lambda a: {**a, "fmt": "3bit"}, "unknown format"),
+    ],
+)
+def test_bad_arguments_raise(change, match):
+    x, packed, k, scale = _ok_args()
+    args = change({"x": x, "packed": packed, "k": k, "scale": scale})
+    with pytest.raises(TernvlmError, match=match):
+        kernels.ternary_matmul(**args)
+
+
+def test_bad_arguments_other_entry_points():
+    x, packed, k, scale = _ok_args("1bit")
+    with pytest.raises(TernvlmError, match="threads must be in"):
+        kernels.binary_matmul(x, packed, k, scale, threads=0)
+    with pytest.raises(TernvlmError, match="packed has shape"):
+        kernels.binary_matmul(x, packed[:, :1].copy(), k, scale)
+    with pytest.raises(TernvlmError, match="divide K"):
+        kernels.binary_unpack(packed, k, np.ones((3, 4), np.float32))
+    x, packed, k, scale = _ok_args("1.6bit")
+    with pytest.raises(TernvlmError, match="threads must be in"):
+        kernels.ternary_unpack(packed, k, scale, fmt="1.6bit", threads=0)
+    with pytest.raises(TernvlmError, match="packed has shape"):
+        kernels.ternary_unpack(packed, k, scale)  # 1.6-bit rows read as 2-bit
+    with pytest.raises(TernvlmError, match="unknown format"):
+        kernels.ternary_unpack(packed, k, scale, fmt="1bit")
+
+
+def test_c_abi_rejects_bad_arguments_without_crashing():
+    lib = kernels._library()
+    x = np.ones((2, 8), np.float32)
+    w = np.zeros((3, 2), np.uint8)
+    s = np.ones(3, np.float32)
+    y = np.empty((2, 3), np.float32)
+    xp, wp, sp, yp = x.ctypes.data, w.ctypes.data, s.ctypes.data, y.ctypes.data
+
+    def call(**kw):
+        a = dict(x=xp, m=2, k=8, w=wp, n=3, s=sp, cols=1, bias=None, clip=0.0, y=yp, t=1)
+        a.update(kw)
+        return lib.tvk_ternary_matmul_2bit(*a.values())
+
+    assert call() == 0
+    codes = {
+        "null x": call(x=None),
+        "null w": call(w=None),
+        "null scale": call(s=None),
+        "null y": call(y=None),
+        "M=0": call(m=0),
+        "K<0": call(k=-8),
+        "N=0": call(n=0),
+        "huge M": call(m=2**40),
+        "cols=0": call(cols=0),
+        "cols=3": call(cols=3),
+        "cols>K": call(cols=16),
+        "threads=0": call(t=0),
+        "threads=65": call(t=65),
+        "clip nan": call(clip=float("nan")),
+    }
+    assert all(c < 0 for c in codes.values()), codes
+    assert lib.tvk_ternary_unpack_2bit(None, 3, 8, sp, 1, yp, 1) < 0
+    assert lib.tvk_ternary_unpack_1p6bit(wp, -1, 8, sp, 1, yp, 1) < 0
+    assert lib.tvk_binary_unpack_1bit(wp, 3, 8, sp, 1, yp, 99) < 0
+    for code in [*codes.values(), 0, -6, -1000, 7]:
+        assert isinstance(lib.tvk_error_string(code), bytes)
+    lib.tvk_force_path(12345)  # ignored
+    assert lib.tvk_active_path() in (1, 2)
+    assert ctypes.c_int(lib.tvk_active_path()).value == kernels.PATHS[kernels.active_path()]
