@@ -1,0 +1,1 @@
+"""Export to LiteRT: our custom ops for torch + litert-torch, the static graphs, the exporter."""
