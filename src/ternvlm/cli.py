@@ -171,9 +171,51 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_backend(p) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["litert", "interpreter"],
+        default="litert",
+        help=".tflite only: our LiteRT C API driver with custom ops, or the stock Interpreter "
+        "(files without custom ops: fp32, int8, ternary-builtin)",
+    )
+
+
+def load_model(name: str, threads: int, backend: str):
+    """(model, processor) from a checkpoint, or a LiteRT-backed model from a .tflite."""
+    if str(name).endswith(".tflite"):
+        from .runtime.vlm import TfliteVLM
+
+        m = TfliteVLM(name, threads=threads, backend=backend)
+        return m, m.processor
+    from .models.checkpoint import load_checkpoint
+
+    return load_checkpoint(name)
+
+
+def _add_export(sub) -> None:
+    from .export.linear import VARIANTS
+
+    p = sub.add_parser("export", help="write a model as one .tflite for LiteRT")
+    p.add_argument("model", help="'default' or a checkpoint folder (ternary/binary or float)")
+    p.add_argument("--out", required=True, help="FILE.tflite")
+    p.add_argument("--ops", default="ternary", choices=list(VARIANTS))
+    p.add_argument("--prefill-len", type=int, default=0, help="prompt slots (0: the context)")
+    p.add_argument("--cache-len", type=int, default=0, help="KV cache slots (0: the context)")
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export.exporter import ExportConfig, export
+
+    info = export(a.model, a.out, ExportConfig(a.ops, a.prefill_len, a.cache_len))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and QA accuracy of a model on a data set")
-    p.add_argument("model", help="'default' or a checkpoint folder")
+    p.add_argument("model", help="'default', a checkpoint folder or an exported .tflite")
+    _add_backend(p)
     p.add_argument(
         "--data", default="shapes:test", help="shapes:train|val|test or imagefolder:PATH"
     )
@@ -187,10 +229,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     from .data.registry import load_eval_set
     from .eval.evaluate import evaluate
-    from .models.checkpoint import load_checkpoint
 
     torch.set_num_threads(a.threads)
-    model, proc = load_checkpoint(a.model)
+    model, proc = load_model(a.model, a.threads, a.backend)
     data = load_eval_set(a.data, a.limit, model.cfg.vision.image_size)
     m = evaluate(model, proc, data, progress=not a.json)
     if a.json:
@@ -221,7 +262,9 @@ def format_metrics(m: dict) -> str:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="answer a question or caption an image")
-    p.add_argument("model", help="'default' or a checkpoint folder")
+    p.add_argument("model", help="'default', a checkpoint folder or an exported .tflite")
+    _add_backend(p)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image", required=True, help="PNG or JPEG of any size and mode")
     p.add_argument(
         "--prompt",
@@ -246,7 +289,6 @@ def as_prompt(text: str) -> str:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .data.images import load_image
-    from .models.checkpoint import load_checkpoint
     from .models.generate import GenerationConfig, generate
 
     if a.max_new_tokens < 1:
@@ -254,7 +296,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.temperature < 0 or a.top_k < 0:
         raise TernvlmError("--temperature and --top-k must not be negative")
     image = load_image(a.image)
-    model, proc = load_checkpoint(a.model)
+    model, proc = load_model(a.model, a.threads, a.backend)
     g = GenerationConfig(a.max_new_tokens, a.temperature, a.top_k, a.seed)
     print(generate(model, proc, image, as_prompt(a.prompt), g))
     return 0
@@ -283,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_ternarize(sub)
     _add_experiment(sub)
+    _add_export(sub)
     _add_eval(sub)
     _add_generate(sub)
     return ap
@@ -293,6 +336,7 @@ COMMANDS = {
     "pretrain": cmd_pretrain,
     "ternarize": cmd_ternarize,
     "experiment": cmd_experiment,
+    "export": cmd_export,
     "eval": cmd_eval,
     "generate": cmd_generate,
 }

@@ -19,7 +19,7 @@ class GenerationConfig:
     seed: int = 0
 
 
-def _pick(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator) -> int:
+def pick_token(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator) -> int:
     if g.temperature <= 0:
         return int(logits.argmax())
     logits = logits / g.temperature
@@ -50,7 +50,7 @@ def generate_ids(
         cache = model.decoder.new_cache(1)
         logits = model(ids, image_features=feats, cache=cache)[0, -1]
         for _ in range(steps):
-            nxt = _pick(logits, g, gen)
+            nxt = pick_token(logits, g, gen)
             if nxt == eos:
                 break
             out.append(nxt)
@@ -62,7 +62,7 @@ def generate_ids(
         logits = model(
             torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1), image_features=feats
         )[0, -1]
-        nxt = _pick(logits, g, gen)
+        nxt = pick_token(logits, g, gen)
         if nxt == eos:
             break
         out.append(nxt)
@@ -78,4 +78,7 @@ def generate(
 ) -> str:
     g = g or GenerationConfig()
     enc = processor.encode(prompt)
-    return processor.decode(generate_ids(model, enc.ids, processor.pixels([image]), g))
+    px = processor.pixels([image])
+    if hasattr(model, "generate_ids"):  # a LiteRT-backed model (runtime.vlm.TfliteVLM)
+        return processor.decode(model.generate_ids(enc.ids, px, g))
+    return processor.decode(generate_ids(model, enc.ids, px, g))

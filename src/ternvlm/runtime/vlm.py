@@ -1,0 +1,184 @@
+"""A ternvlm .tflite as a VLM: the same calls as the PyTorch model, run by LiteRT.
+
+``TfliteVLM`` reads the model config and tokenizer from the file's metadata and drives the three
+signatures. It quacks like ``models.vlm.VLM`` where evaluation and generation need it
+(``encode_image``, ``model(input_ids, image_features=...)`` -> logits, ``cfg``, ``eval``), so
+``ternvlm eval`` and ``ternvlm generate`` take a .tflite exactly like a checkpoint.
+
+The KV cache lives on the host (one array per layer and kind, [1, kvh, L, D]); decode reads it and
+returns the new position's keys/values, which we write at ``pos``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from ..config import VLMConfig
+from ..errors import TernvlmError
+from ..models.generate import GenerationConfig, pick_token
+from ..models.processor import Processor
+
+Runner = Callable[..., dict[str, np.ndarray]]  # runner(signature, **inputs) -> outputs
+
+
+def read_tflite_metadata(path: str | Path) -> tuple[VLMConfig, dict, Tokenizer]:
+    """Model config, export info and tokenizer stored in a ternvlm .tflite."""
+    from ..export.exporter import META_CONFIG, META_TOKENIZER, read_metadata
+
+    p = Path(path)
+    if not p.is_file():
+        raise TernvlmError(f"no such file: {p}")
+    data = p.read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise TernvlmError(f"{p} is not a .tflite flatbuffer")
+    try:
+        meta = read_metadata(data)
+    except Exception as e:  # a damaged flatbuffer fails anywhere inside the schema reader
+        raise TernvlmError(f"{p} is not a readable .tflite file ({type(e).__name__})") from None
+    if META_CONFIG not in meta or META_TOKENIZER not in meta:
+        raise TernvlmError(f"{p} was not exported by ternvlm (no config/tokenizer metadata)")
+    config = json.loads(meta[META_CONFIG])
+    tok = Tokenizer.from_str(meta[META_TOKENIZER].decode())
+    return VLMConfig.from_dict(config["model"]), config["export"], tok
+
+
+def _interpreter_runner(path: Path, threads: int) -> Runner:
+    """The wheel's stock Interpreter: only for files without our custom ops."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(str(path), num_threads=threads)
+    runners = {s: it.get_signature_runner(s) for s in it.get_signature_list()}
+    return lambda sig, **inputs: runners[sig](**inputs)
+
+
+def _driver_runner(path: Path, threads: int) -> tuple[Runner, object]:
+    """Our C API driver with the custom ops registered (ternvlm.runtime.litert)."""
+    from .litert import LiteRtModel
+
+    m = LiteRtModel(str(path), threads=threads)
+    return (lambda sig, **inputs: m(sig, **inputs)), m
+
+
+class TfliteVLM:
+    def __init__(self, path: str | Path, threads: int = 1, backend: str = "litert") -> None:
+        self.path = Path(path)
+        self.cfg, self.export_info, tok = read_tflite_metadata(self.path)
+        self.processor = Processor(self.cfg, tok)
+        self.prefill_len = int(self.export_info["prefill_len"])
+        self.cache_len = int(self.export_info["cache_len"])
+        self._handle = None
+        if backend == "interpreter":
+            self._run = _interpreter_runner(self.path, threads)
+        elif backend == "litert":
+            self._run, self._handle = _driver_runner(self.path, threads)
+        else:
+            raise TernvlmError(f"unknown backend {backend!r} (litert or interpreter)")
+        d = self.cfg.decoder
+        self._kv_shape = (1, d.kv_heads, self.cache_len, d.head_dim)
+        self.cache = {
+            f"{c}_{i}": np.zeros(self._kv_shape, np.float32) for i in range(d.layers) for c in "kv"
+        }
+        self._kv_names = list(self.cache)
+
+    # -- VLM interface used by eval and generate ------------------------------------------
+    def eval(self) -> TfliteVLM:
+        return self
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> TfliteVLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, image_tokens, hidden], one image per run (batch 1 graph)."""
+        px = pixel_values.detach().float().numpy()
+        out = [
+            self._run("encode_image", pixel_values=np.ascontiguousarray(p[None]))["output_0"]
+            for p in px
+        ]
+        return torch.from_numpy(np.concatenate(out))
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        cache=None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] by one prefill per row (rows padded to the exported length)."""
+        if cache is not None:
+            raise TernvlmError("TfliteVLM keeps its own cache: use prefill/decode")
+        if image_features is None:
+            if pixel_values is None:
+                raise TernvlmError("a .tflite VLM needs an image (pixel_values or image_features)")
+            image_features = self.encode_image(pixel_values)
+        ids = input_ids.numpy()
+        feats = image_features.detach().float().numpy()
+        rows = [self.prefill(list(map(int, r)), feats[j : j + 1])[0] for j, r in enumerate(ids)]
+        return torch.from_numpy(np.stack(rows))
+
+    # -- the two decoder signatures ------------------------------------------------------
+    def prefill(self, ids: list[int], image_features: np.ndarray) -> tuple[np.ndarray, int]:
+        """Logits [n, V] for a prompt of n tokens; the cache then holds positions [0, n)."""
+        n = len(ids)
+        if n > self.prefill_len:
+            raise TernvlmError(
+                f"prompt of {n} tokens exceeds the exported prefill length {self.prefill_len}"
+            )
+        x = np.full((1, self.prefill_len), self.cfg.pad_token_id, np.int32)
+        x[0, :n] = ids
+        out = self._run(
+            "prefill", input_ids=x, image_features=np.ascontiguousarray(image_features, np.float32)
+        )
+        for j, name in enumerate(self._kv_names):
+            self.cache[name][:, :, :n] = out[f"output_{j + 1}"][:, :, :n]
+        return out["output_0"][0, :n], n
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        """Logits [V] of ``token`` at position ``pos`` (cache holds [0, pos)); caches it."""
+        if not 0 <= pos < self.cache_len:
+            raise TernvlmError(f"position {pos} is outside the exported cache of {self.cache_len}")
+        out = self._run(
+            "decode",
+            token=np.array([[token]], np.int32),
+            pos=np.array([pos], np.int32),
+            **self.cache,
+        )
+        for j, name in enumerate(self._kv_names):
+            self.cache[name][:, :, pos : pos + 1] = out[f"output_{j + 1}"]
+        return out["output_0"][0, -1]
+
+    def generate_ids(
+        self, prompt_ids: list[int], pixels: torch.Tensor, g: GenerationConfig
+    ) -> list[int]:
+        """Like models.generate.generate_ids with the cache, on LiteRT."""
+        eos = self.cfg.eos_token_id
+        room = min(self.cfg.decoder.max_seq_len, self.cache_len) - len(prompt_ids)
+        steps = max(0, min(g.max_new_tokens, room))
+        gen = torch.Generator().manual_seed(g.seed)
+        feats = self.encode_image(pixels).numpy()
+        logits, pos = self.prefill(prompt_ids, feats)
+        logits = logits[-1]
+        out: list[int] = []
+        for _ in range(steps):
+            nxt = pick_token(torch.from_numpy(logits), g, gen)
+            if nxt == eos:
+                break
+            out.append(nxt)
+            if len(out) == steps:
+                break
+            logits = self.decode(nxt, pos)
+            pos += 1
+        return out
