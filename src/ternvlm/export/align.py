@@ -85,3 +85,14 @@ def check_aligned(data: bytes) -> list[int]:
         elif b.DataLength() and b._tab.Vector(b._tab.Offset(4)) % ALIGN:
             bad.append(i)  # Vector(): absolute position of the data in the file
     return bad
+
+
+def truncated_buffers(data: bytes) -> list[int]:
+    """Indices of buffers stored past the end of ``data`` (a truncated file)."""
+    model = _schema().Model.GetRootAs(bytearray(data), 0)
+    return [
+        i
+        for i in range(model.BuffersLength())
+        if model.Buffers(i).Offset() > 1
+        and model.Buffers(i).Offset() + model.Buffers(i).Size() > len(data)
+    ]

@@ -29,6 +29,7 @@ Runner = Callable[..., dict[str, np.ndarray]]  # runner(signature, **inputs) -> 
 
 def read_tflite_metadata(path: str | Path) -> tuple[VLMConfig, dict, Tokenizer]:
     """Model config, export info and tokenizer stored in a ternvlm .tflite."""
+    from ..export.align import truncated_buffers
     from ..export.exporter import META_CONFIG, META_TOKENIZER, read_metadata
 
     p = Path(path)
@@ -38,14 +39,21 @@ def read_tflite_metadata(path: str | Path) -> tuple[VLMConfig, dict, Tokenizer]:
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise TernvlmError(f"{p} is not a .tflite flatbuffer")
     try:
+        if truncated_buffers(data):
+            raise TernvlmError(f"{p} is truncated: its weights end past the end of the file")
         meta = read_metadata(data)
+    except TernvlmError:
+        raise
     except Exception as e:  # a damaged flatbuffer fails anywhere inside the schema reader
         raise TernvlmError(f"{p} is not a readable .tflite file ({type(e).__name__})") from None
     if META_CONFIG not in meta or META_TOKENIZER not in meta:
         raise TernvlmError(f"{p} was not exported by ternvlm (no config/tokenizer metadata)")
-    config = json.loads(meta[META_CONFIG])
-    tok = Tokenizer.from_str(meta[META_TOKENIZER].decode())
-    return VLMConfig.from_dict(config["model"]), config["export"], tok
+    try:
+        config = json.loads(meta[META_CONFIG])
+        tok = Tokenizer.from_str(meta[META_TOKENIZER].decode())
+        return VLMConfig.from_dict(config["model"]), config["export"], tok
+    except Exception as e:
+        raise TernvlmError(f"{p}: damaged ternvlm metadata ({type(e).__name__})") from None
 
 
 def _interpreter_runner(path: Path, threads: int) -> Runner:

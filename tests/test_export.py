@@ -1,0 +1,237 @@
+"""Export to .tflite: graph math in eager PyTorch, conversion, alignment, metadata, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ternvlm.errors import TernvlmError
+from ternvlm.export import graphs
+from ternvlm.export.linear import VARIANTS, export_copy
+from ternvlm.models.checkpoint import save_checkpoint
+from ternvlm.models.generate import GenerationConfig, generate_ids
+from ternvlm.quant.api import quantize_
+from ternvlm.quant.config import preset
+
+from .conftest import tiny_config
+
+
+def quantized(model, name: str = "ternvlm", **kw):
+    cfg = preset(name, **kw)
+    quantize_(model, cfg)
+    model.cfg.quantization_config = cfg.to_dict()
+    return model.eval()
+
+
+@pytest.fixture()
+def tiny_ternary(tiny):
+    model, proc = tiny
+    return quantized(model, "seed", parts=("vision", "connector", "decoder")), proc
+
+
+def _prompt(proc, text="question: what colour is the circle? answer:"):
+    return proc.encode(text).ids
+
+
+def run_graphs(m, ids, pixels, next_tokens, prefill_len, cache_len):
+    """Logits of the prompt and of each next token through the three eager export graphs."""
+    d = m.cfg.decoder
+    feats = graphs.EncodeImage(m)(pixels)
+    x = torch.full((1, prefill_len), m.cfg.pad_token_id, dtype=torch.int32)
+    x[0, : len(ids)] = torch.tensor(ids)
+    out = graphs.Prefill(m, prefill_len)(x, feats)
+    n = len(ids)
+    names = [f"{c}_{i}" for i in range(d.layers) for c in "kv"]
+    cache = {k: torch.zeros(1, d.kv_heads, cache_len, d.head_dim) for k in names}
+    for j, k in enumerate(names):
+        cache[k][:, :, :n] = out[1 + j][:, :, :n]
+    steps = []
+    for pos, t in enumerate(next_tokens, start=n):
+        o = graphs.Decode(m, cache_len)(
+            torch.tensor([[t]], dtype=torch.int32), torch.tensor([pos], dtype=torch.int32), **cache
+        )
+        for j, k in enumerate(names):
+            cache[k][:, :, pos : pos + 1] = o[1 + j]
+        steps.append(o[0][0, -1])
+    return feats, out[0][0, :n], torch.stack(steps)
+
+
+def reference(model, ids, pixels, next_tokens):
+    feats = model.encode_image(pixels)
+    cache = model.decoder.new_cache(1)
+    logits = model(torch.tensor([ids]), image_features=feats, cache=cache)[0]
+    steps = [model(torch.tensor([[t]]), cache=cache)[0, -1] for t in next_tokens]
+    return feats, logits, torch.stack(steps)
+
+
+@pytest.mark.parametrize("variant", ["ternary", "ternary158", "unpack", "ternary-builtin", "fp32"])
+@pytest.mark.parametrize(
+    "decoder",
+    [
+        {},
+        {
+            "norm": "layernorm",
+            "mlp_type": "gelu",
+            "parallel_block": True,
+            "partial_rotary": 0.5,
+            "attn_bias": True,
+            "mlp_bias": True,
+        },
+    ],
+)
+@torch.no_grad()
+def test_graphs_equal_model(tokenizer, variant, decoder):
+    """prefill + decode with a host cache == the model with its KV cache (llama and Phi blocks)."""
+    from ternvlm.models.processor import Processor
+    from ternvlm.models.vlm import VLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(tokenizer.get_vocab_size(), **decoder)
+    model = quantized(VLM(cfg), "seed", parts=("vision", "connector", "decoder"))
+    proc = Processor(cfg, tokenizer)
+    ids = _prompt(proc)
+    pixels = torch.randn(1, 3, 32, 32)
+    nxt = [17, 23, 11, 25]
+    want = reference(model, ids, pixels, nxt)
+    got = run_graphs(export_copy(model, variant), ids, pixels, nxt, 40, 64)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_binary_variant_and_bad_variants(tiny, tokenizer):
+    model, proc = tiny
+    with pytest.raises(TernvlmError, match="ternarize it first"):
+        export_copy(model, "ternary")
+    with pytest.raises(TernvlmError, match="unknown --ops"):
+        export_copy(model, "int3")
+    tern = quantized(model)
+    with pytest.raises(TernvlmError, match="needs a binary model"):
+        export_copy(tern, "binary")
+
+    from ternvlm.models.vlm import VLM
+
+    torch.manual_seed(1)
+    b = quantized(VLM(tiny_config(tokenizer.get_vocab_size())), "binary")
+    ids, pixels = _prompt(proc), torch.randn(1, 3, 32, 32)
+    want = reference(b, ids, pixels, [4, 9])
+    for variant in ("binary", "ternary", "unpack"):  # {-1, +1} fits every format
+        got = run_graphs(export_copy(b, variant), ids, pixels, [4, 9], 40, 64)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+
+
+def test_realign_moves_every_buffer_to_64_bytes():
+    pytest.importorskip("ai_edge_litert")
+    from ai_edge_litert import schema_py_generated as schema
+
+    from ternvlm.export.align import check_aligned, load, realign, serialize
+    from ternvlm.export.exporter import add_metadata, read_metadata
+
+    m = schema.ModelT()
+    m.version = 3
+    m.buffers = [schema.BufferT()]  # buffer 0 is the empty sentinel
+    for n in (1, 3, 100, 4097):
+        b = schema.BufferT()
+        b.data = np.arange(n, dtype=np.uint8)
+        m.buffers.append(b)
+    import flatbuffers
+
+    fb = flatbuffers.Builder(0)
+    fb.Finish(m.Pack(fb), file_identifier=b"TFL3")
+    raw = bytes(fb.Output())
+    out = realign(raw)
+    assert check_aligned(out) == []
+    back = load(out)
+    for i, n in enumerate((1, 3, 100, 4097), start=1):
+        np.testing.assert_array_equal(back.buffers[i].data, np.arange(n, dtype=np.uint8))
+    with_meta = add_metadata(out, {"a": b"hello", "b": b""})
+    assert check_aligned(with_meta) == []
+    meta = read_metadata(with_meta)
+    assert meta["a"] == b"hello" and meta["b"] == b""
+    assert read_metadata(serialize(load(with_meta)))["a"] == b"hello"
+
+
+# ---- conversion (litert-torch) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    """A tiny ternary checkpoint exported as fp32 and ternary-builtin (stock-runtime files)."""
+    pytest.importorskip("litert_torch")
+    from ternvlm.export.exporter import ExportConfig, export
+    from ternvlm.models.vlm import VLM
+
+    torch.manual_seed(0)
+    model = quantized(VLM(tiny_config(tokenizer.get_vocab_size())), "seed")
+    root = tmp_path_factory.mktemp("export")
+    save_checkpoint(root / "ckpt", model, tokenizer)
+    files = {}
+    for variant in ("fp32", "ternary-builtin", "ternary"):
+        files[variant] = root / f"{variant}.tflite"
+        export(root / "ckpt", files[variant], ExportConfig(ops=variant, prefill_len=40))
+    return root / "ckpt", files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fp32", "ternary-builtin"])
+def test_stock_runtime_files_match_pytorch(exported, variant):
+    from ternvlm.data import shapes
+    from ternvlm.export.align import check_aligned
+    from ternvlm.models.checkpoint import load_checkpoint
+    from ternvlm.runtime.vlm import TfliteVLM
+
+    ckpt, files = exported
+    model, proc = load_checkpoint(ckpt)
+    data = files[variant].read_bytes()
+    assert check_aligned(data) == []
+    tv = TfliteVLM(files[variant], backend="interpreter")
+    assert tv.cfg.to_dict() == model.cfg.to_dict() and tv.prefill_len == 40
+    assert tv.export_info["ops"] == variant
+    images = [shapes.render(shapes.scene_for("test", i), 32) for i in range(3)]
+    with torch.no_grad():
+        for img, q in zip(
+            images, ["caption:", "question: what shape? answer:", "caption:"], strict=True
+        ):
+            enc = proc.encode(q)
+            px = proc.pixels([img])
+            want = model(torch.tensor([enc.ids]), pixel_values=px)[0]
+            got = tv(torch.tensor([enc.ids]), pixel_values=px)[0]
+            span = float(want.max() - want.min())
+            assert float((got - want).abs().max()) <= 1e-3 * span
+            g = GenerationConfig(max_new_tokens=12)
+            assert tv.generate_ids(enc.ids, px, g) == generate_ids(model, enc.ids, px, g)
+
+
+@pytest.mark.slow
+def test_export_bad_input(exported, tmp_path):
+    from ternvlm.export.exporter import ExportConfig, export
+    from ternvlm.runtime.vlm import TfliteVLM
+
+    ckpt, files = exported
+    with pytest.raises(TernvlmError, match="must end in .tflite"):
+        export(ckpt, tmp_path / "x.bin", ExportConfig())
+    with pytest.raises(TernvlmError, match="prefill_len must be"):
+        export(ckpt, tmp_path / "x.tflite", ExportConfig(prefill_len=10_000))
+    assert not (tmp_path / "x.tflite").exists()
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer at all")
+    with pytest.raises(TernvlmError, match="not a .tflite"):
+        TfliteVLM(bad, backend="interpreter")
+    full = files["fp32"].read_bytes()
+    bad.write_bytes(full[: len(full) // 3])
+    with pytest.raises(TernvlmError, match="truncated"):
+        TfliteVLM(bad, backend="interpreter")
+    tv = TfliteVLM(files["fp32"], backend="interpreter")
+    with pytest.raises(TernvlmError, match="exceeds the exported prefill length"):
+        tv.prefill([1] * 41, np.zeros((1, tv.cfg.image_tokens, tv.cfg.decoder.hidden), np.float32))
+    with pytest.raises(TernvlmError, match="outside the exported cache"):
+        tv.decode(1, 64)
+
+
+def test_variants_listed_in_cli():
+    from ternvlm.cli import build_parser
+
+    args = build_parser().parse_args(["export", "default", "--out", "x.tflite", "--ops", "int8"])
+    assert args.ops == "int8" and set(VARIANTS) >= {"ternary", "binary", "unpack", "int8"}
