@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean asan
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; code=$$?; \
-	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$code
+	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
+	if [ $$code -ne 0 ]; then exit $$code; fi
+	$(MAKE) --no-print-directory asan
+
+# The kernel tests once more against an AddressSanitizer + UBSan build of kernels/*.cc.
+ASAN_LIB := build/asan/libternvlm_kernels_asan.so
+$(ASAN_LIB): $(wildcard kernels/*.cc kernels/*.h)
+	mkdir -p $(dir $@)
+	$(CXX) -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+	  -fno-sanitize-recover=undefined -shared -fPIC -pthread -Ikernels \
+	  $(filter-out kernels/module.cc,$(wildcard kernels/*.cc)) -ldl -o $@
+
+asan: $(STAMP) $(ASAN_LIB)
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0 TERNVLM_KERNELS_LIB=$(abspath $(ASAN_LIB)) \
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_kernels.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

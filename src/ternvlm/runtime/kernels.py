@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import numbers
+import os
 
 import numpy as np
 
@@ -36,18 +37,27 @@ _UNPACK = {
 _lib: ctypes.CDLL | None = None
 
 
+def library_path() -> str:
+    """The compiled kernel library; TERNVLM_KERNELS_LIB overrides it (the ASan build in CI)."""
+    override = os.environ.get("TERNVLM_KERNELS_LIB")
+    if override:
+        return override
+    spec = importlib.util.find_spec("ternvlm._kernels")
+    if spec is None or not spec.origin:
+        raise TernvlmError("compiled kernels ternvlm._kernels not found; run `pip install -e .`")
+    return spec.origin
+
+
 def _library() -> ctypes.CDLL:
     """Load the extension once and declare the C signatures."""
     global _lib
     if _lib is not None:
         return _lib
-    spec = importlib.util.find_spec("ternvlm._kernels")
-    if spec is None or not spec.origin:
-        raise TernvlmError("compiled kernels ternvlm._kernels not found; run `pip install -e .`")
+    origin = library_path()
     try:
-        lib = ctypes.CDLL(spec.origin)
+        lib = ctypes.CDLL(origin)
     except OSError as e:
-        raise TernvlmError(f"cannot load compiled kernels {spec.origin}: {e}") from None
+        raise TernvlmError(f"cannot load compiled kernels {origin}: {e}") from None
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     for name in _MATMUL.values():
         fn = getattr(lib, name)
