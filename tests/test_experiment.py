@@ -28,3 +28,27 @@ def test_init_experiment_writes_curves_plot_and_table(tiny_ckpt, tmp_path, capsy
     # a second call finds every run finished and only rebuilds the summary
     assert main(args) == 0
     assert capsys.readouterr().out.count("done, skipping") == len(names)
+
+
+def test_aggregate_over_seeds():
+    from ternvlm.experiments.inits import aggregate, aggregate_table
+
+    def res(k, t):
+        return {
+            "runs": {
+                "ternary-kmeans": {"steps_to": k, "zero_step_ratio": 1.2, "test_perplexity": 1.1},
+                "ternary-twn": {"steps_to": t, "zero_step_ratio": 1.3, "test_perplexity": 1.2},
+            }
+        }
+
+    per_seed = {
+        1: res({"1.2": 1, "1.1": 3, "1.05": 11, "1.02": 51}, {"1.2": 2, "1.1": 6, "1.05": 13, "1.02": None}),
+        2: res({"1.2": 1, "1.1": 6, "1.05": 11, "1.02": 55}, {"1.2": 1, "1.1": 7, "1.05": 11, "1.02": 61}),
+    }  # fmt: skip
+    agg = aggregate(per_seed)
+    k, t = agg["runs"]["ternary-kmeans"], agg["runs"]["ternary-twn"]
+    assert k["1.1"] == {"per_seed": [3, 6], "mean": 4.5}
+    assert t["1.02"]["mean"] is None  # one seed never reached it: no mean
+    table = aggregate_table(agg)
+    assert "| ternary-kmeans | 1.0 (1/1) | 4.5 (3/6) | 11.0 (11/11) | 53.0 (51/55) |" in table
+    assert "| ternary-twn |" in table and "- (-/61)" in table
