@@ -167,26 +167,43 @@ def exported(tmp_path_factory, tokenizer):
     model = quantized(VLM(tiny_config(tokenizer.get_vocab_size())), "seed")
     root = tmp_path_factory.mktemp("export")
     save_checkpoint(root / "ckpt", model, tokenizer)
+    torch.manual_seed(1)
+    binary = quantized(VLM(tiny_config(tokenizer.get_vocab_size())), "binary")
+    save_checkpoint(root / "ckpt_binary", binary, tokenizer)
     files = {}
-    for variant in ("fp32", "ternary-builtin", "ternary"):
+    for variant in ("fp32", "ternary-builtin", "ternary", "ternary158", "unpack", "binary"):
         files[variant] = root / f"{variant}.tflite"
-        export(root / "ckpt", files[variant], ExportConfig(ops=variant, prefill_len=40))
+        src = root / ("ckpt_binary" if variant == "binary" else "ckpt")
+        export(src, files[variant], ExportConfig(ops=variant, prefill_len=40))
     return root / "ckpt", files
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["fp32", "ternary-builtin"])
-def test_stock_runtime_files_match_pytorch(exported, variant):
+@pytest.mark.parametrize(
+    ("variant", "backend"),
+    [
+        ("fp32", "interpreter"),
+        ("ternary-builtin", "interpreter"),
+        ("fp32", "litert"),
+        ("ternary", "litert"),
+        ("ternary158", "litert"),
+        ("unpack", "litert"),
+        ("binary", "litert"),
+    ],
+)
+def test_tflite_matches_pytorch(exported, variant, backend):
     from ternvlm.data import shapes
     from ternvlm.export.align import check_aligned
     from ternvlm.models.checkpoint import load_checkpoint
     from ternvlm.runtime.vlm import TfliteVLM
 
     ckpt, files = exported
+    if variant == "binary":
+        ckpt = ckpt.with_name("ckpt_binary")
     model, proc = load_checkpoint(ckpt)
     data = files[variant].read_bytes()
     assert check_aligned(data) == []
-    tv = TfliteVLM(files[variant], backend="interpreter")
+    tv = TfliteVLM(files[variant], backend=backend, threads=2 if variant == "ternary" else 1)
     assert tv.cfg.to_dict() == model.cfg.to_dict() and tv.prefill_len == 40
     assert tv.export_info["ops"] == variant
     images = [shapes.render(shapes.scene_for("test", i), 32) for i in range(3)]
@@ -223,6 +240,8 @@ def test_export_bad_input(exported, tmp_path):
     bad.write_bytes(full[: len(full) // 3])
     with pytest.raises(TernvlmError, match="truncated"):
         TfliteVLM(bad, backend="interpreter")
+    with pytest.raises(TernvlmError, match="need --backend litert"):
+        TfliteVLM(files["ternary"], backend="interpreter")  # our custom ops: not in the stock one
     tv = TfliteVLM(files["fp32"], backend="interpreter")
     with pytest.raises(TernvlmError, match="exceeds the exported prefill length"):
         tv.prefill([1] * 41, np.zeros((1, tv.cfg.image_tokens, tv.cfg.decoder.hidden), np.float32))

@@ -56,11 +56,34 @@ def read_tflite_metadata(path: str | Path) -> tuple[VLMConfig, dict, Tokenizer]:
         raise TernvlmError(f"{p}: damaged ternvlm metadata ({type(e).__name__})") from None
 
 
+def custom_op_names(data: bytes) -> list[str]:
+    """Custom op codes a .tflite uses (empty: builtin ops only)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.Model.GetRootAs(bytearray(data), 0)
+    codes = (m.OperatorCodes(i).CustomCode() for i in range(m.OperatorCodesLength()))
+    return sorted({c.decode() for c in codes if c})
+
+
 def _interpreter_runner(path: Path, threads: int) -> Runner:
     """The wheel's stock Interpreter: only for files without our custom ops."""
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(str(path), num_threads=threads)
+    needed = custom_op_names(path.read_bytes())
+    if needed:
+        raise TernvlmError(
+            f"{path.name} uses custom ops {', '.join(needed)} that the stock LiteRT interpreter "
+            "does not have; files with ternvlm custom ops need --backend litert"
+        )
+    try:
+        it = Interpreter(str(path), num_threads=threads)
+        it.allocate_tensors()
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TernvlmError(
+            f"the stock LiteRT interpreter cannot run {path.name} ({first}); files with ternvlm "
+            "custom ops need --backend litert"
+        ) from None
     runners = {s: it.get_signature_runner(s) for s in it.get_signature_list()}
     return lambda sig, **inputs: runners[sig](**inputs)
 
