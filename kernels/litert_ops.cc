@@ -1,0 +1,458 @@
+// ternvlm's LiteRT custom operators: options, validation and the kernel
+// callbacks (see litert_ops.h for the contract and how nodes are found).
+#include "litert_ops.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <unordered_map>
+
+#include "tvk.h"
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "custom options are little-endian");
+
+namespace tvr {
+
+const char* const kOpNames[kNumOps] = {"TernaryMatMul", "TernaryMatMul158", "BinaryMatMul",
+                                       "TernaryUnpack"};
+
+namespace {
+
+constexpr int kCodesPerByte[3] = {4, 5, 8};
+constexpr const char* kFormatNames[3] = {"2bit", "1.6bit", "1bit"};
+constexpr int64_t kMaxDim = int64_t{1} << 31;  // tvk's limit on every size
+
+using MatMulFn = int (*)(const float*, int64_t, int64_t, const uint8_t*, int64_t, const float*,
+                         int64_t, const float*, float, float*, int);
+using UnpackFn = int (*)(const uint8_t*, int64_t, int64_t, const float*, int64_t, float*, int);
+constexpr MatMulFn kMatMul[3] = {tvk_ternary_matmul_2bit, tvk_ternary_matmul_1p6bit,
+                                 tvk_binary_matmul_1bit};
+constexpr UnpackFn kUnpack[3] = {tvk_ternary_unpack_2bit, tvk_ternary_unpack_1p6bit,
+                                 tvk_binary_unpack_1bit};
+
+int64_t RowBytes(int64_t k, int format) {
+  return (k + kCodesPerByte[format] - 1) / kCodesPerByte[format];
+}
+
+std::string ShapeString(const LiteRtLayout& l) {
+  std::string s = "[";
+  for (unsigned i = 0; i < l.rank; ++i) {
+    if (i) s += ", ";
+    s += std::to_string(l.dimensions[i]);
+  }
+  return s + "]";
+}
+
+const char* TypeName(int t) {
+  switch (t) {
+    case kLiteRtElementTypeFloat32: return "float32";
+    case kLiteRtElementTypeInt32: return "int32";
+    case kLiteRtElementTypeUInt8: return "uint8";
+    case kLiteRtElementTypeInt8: return "int8";
+    default: return "another type";
+  }
+}
+
+bool IsPackedType(int t) { return t == kLiteRtElementTypeInt8 || t == kLiteRtElementTypeUInt8; }
+
+// "" if `t` is a ranked tensor of element type `type` and rank `rank`.
+std::string Expect(const TensorDesc& t, const char* role, int type, int rank) {
+  if (!t.ranked) return std::string(role) + " '" + t.name + "' has no static rank";
+  const bool type_ok = type == kLiteRtElementTypeInt8 ? IsPackedType(t.type.element_type)
+                                                      : t.type.element_type == type;
+  if (!type_ok) {
+    return std::string(role) + " '" + t.name + "' is " + TypeName(t.type.element_type) +
+           ", expected " + TypeName(type);
+  }
+  if (rank >= 0 && static_cast<int>(t.type.layout.rank) != rank) {
+    return std::string(role) + " '" + t.name + "' has shape " + ShapeString(t.type.layout) +
+           ", expected rank " + std::to_string(rank);
+  }
+  for (unsigned i = 0; i < t.type.layout.rank; ++i) {
+    if (t.type.layout.dimensions[i] < 0) {
+      return std::string(role) + " '" + t.name + "' has a dynamic shape " +
+             ShapeString(t.type.layout) + "; static shapes only";
+    }
+  }
+  return "";
+}
+
+// A constant operand: present, of the expected size and 64-byte aligned.
+std::string ExpectConstant(const TensorDesc& t, const char* role, size_t bytes) {
+  if (t.data == nullptr || t.bytes == 0) {
+    return std::string(role) + " '" + t.name + "' must be a constant of the model";
+  }
+  if (t.bytes != bytes) {
+    return std::string(role) + " '" + t.name + "' holds " + std::to_string(t.bytes) +
+           " bytes, its shape needs " + std::to_string(bytes);
+  }
+  if (reinterpret_cast<uintptr_t>(t.data) % kLiteRtHostAlignment != 0) {
+    return std::string(role) + " '" + t.name +
+           "' is not 64-byte aligned in the file, which LiteRT refuses for custom-op inputs "
+           "(\"Unaligned host memory pointer\"); realign the file with "
+           "ternvlm.export.align.realign_file or export it again";
+  }
+  return "";
+}
+
+bool SameOptions(const OpOptions& a, const OpOptions& b) {
+  return a.format == b.format && a.k == b.k && a.has_bias == b.has_bias && a.clip == b.clip;
+}
+
+}  // namespace
+
+std::string ParseOptions(OpKind kind, const void* data, size_t size, OpOptions* out) {
+  if (data == nullptr || size != kOptionsSize) {
+    return "custom options are " + std::to_string(size) + " bytes, expected the " +
+           std::to_string(kOptionsSize) + "-byte TVK1 record";
+  }
+  const auto* b = static_cast<const unsigned char*>(data);
+  int32_t version, format, flags, reserved;
+  int64_t k;
+  float clip;
+  std::memcpy(&version, b + 4, 4);
+  std::memcpy(&format, b + 8, 4);
+  std::memcpy(&flags, b + 12, 4);
+  std::memcpy(&k, b + 16, 8);
+  std::memcpy(&clip, b + 24, 4);
+  std::memcpy(&reserved, b + 28, 4);
+  if (std::memcmp(b, "TVK1", 4) != 0) return "custom options do not start with \"TVK1\"";
+  if (version != 1) return "custom options version " + std::to_string(version) + ", expected 1";
+  if (format < 0 || format > 2) return "unknown format " + std::to_string(format);
+  if (kind != kTernaryUnpack && format != static_cast<int>(kind)) {
+    return std::string("format ") + kFormatNames[format] + " does not match the op (" +
+           kFormatNames[static_cast<int>(kind)] + ")";
+  }
+  if (flags & ~1) return "unknown flags " + std::to_string(flags);
+  if (reserved != 0) return "reserved field is " + std::to_string(reserved) + ", expected 0";
+  if (k <= 0 || k >= kMaxDim) return "k = " + std::to_string(k) + " is out of range";
+  if (std::isnan(clip) || std::isinf(clip)) return "clip is not a finite number";
+  if (kind == kTernaryUnpack && (flags != 0 || clip > 0)) {
+    return "TernaryUnpack takes no bias or clip";
+  }
+  out->format = format;
+  out->k = k;
+  out->has_bias = (flags & 1) != 0;
+  out->clip = clip > 0 ? clip : 0.0f;
+  return "";
+}
+
+std::string ValidateNode(OpKind kind, const OpOptions& opt, const std::vector<TensorDesc>& in,
+                         const std::vector<TensorDesc>& out, Node* node) {
+  const bool unpack = kind == kTernaryUnpack;
+  const size_t want_in = unpack ? 2 : 4;
+  if (in.size() != want_in || out.size() != 1) {
+    return std::to_string(in.size()) + " inputs and " + std::to_string(out.size()) +
+           " outputs, expected " + std::to_string(want_in) + " and 1";
+  }
+  const TensorDesc& w = in[unpack ? 0 : 1];
+  const TensorDesc& scale = in[unpack ? 1 : 2];
+  std::string e;
+  if (!(e = Expect(w, "packed weights", kLiteRtElementTypeInt8, 2)).empty()) return e;
+  if (!(e = Expect(scale, "scale", kLiteRtElementTypeFloat32, 2)).empty()) return e;
+  const int64_t n = w.type.layout.dimensions[0], rb = w.type.layout.dimensions[1];
+  const int64_t cols = scale.type.layout.dimensions[1];
+  if (n < 1) return "packed weights '" + w.name + "' have no rows";
+  if (rb != RowBytes(opt.k, opt.format)) {
+    return "packed weights '" + w.name + "' have rows of " + std::to_string(rb) + " bytes; " +
+           kFormatNames[opt.format] + " rows of k = " + std::to_string(opt.k) + " take " +
+           std::to_string(RowBytes(opt.k, opt.format));
+  }
+  if (scale.type.layout.dimensions[0] != n || cols < 1 || opt.k % cols != 0) {
+    return "scale '" + scale.name + "' has shape " + ShapeString(scale.type.layout) +
+           ", expected [" + std::to_string(n) + ", C] with C dividing k = " +
+           std::to_string(opt.k);
+  }
+  if (!(e = ExpectConstant(w, "packed weights", static_cast<size_t>(n * rb))).empty()) return e;
+  if (!(e = ExpectConstant(scale, "scale", static_cast<size_t>(n * cols) * 4)).empty()) return e;
+  const TensorDesc& y = out[0];
+  if (y.data != nullptr) return "output '" + y.name + "' is a constant of the model";
+  if (unpack) {
+    if (!(e = Expect(y, "output", kLiteRtElementTypeFloat32, 2)).empty()) return e;
+    if (y.type.layout.dimensions[0] != n || y.type.layout.dimensions[1] != opt.k) {
+      return "output '" + y.name + "' has shape " + ShapeString(y.type.layout) + ", expected [" +
+             std::to_string(n) + ", " + std::to_string(opt.k) + "]";
+    }
+  } else {
+    const TensorDesc& x = in[0];
+    const TensorDesc& bias = in[3];
+    if (!(e = Expect(x, "input", kLiteRtElementTypeFloat32, -1)).empty()) return e;
+    const LiteRtLayout& xl = x.type.layout;
+    if (xl.rank < 1 || xl.dimensions[xl.rank - 1] != opt.k) {
+      return "input '" + x.name + "' has shape " + ShapeString(xl) + ", expected [..., " +
+             std::to_string(opt.k) + "]";
+    }
+    if (!(e = Expect(bias, "bias", kLiteRtElementTypeFloat32, 1)).empty()) return e;
+    if (bias.type.layout.dimensions[0] != n) {
+      return "bias '" + bias.name + "' has shape " + ShapeString(bias.type.layout) +
+             ", expected [" + std::to_string(n) + "]";
+    }
+    if (bias.data != nullptr &&
+        !(e = ExpectConstant(bias, "bias", static_cast<size_t>(n) * 4)).empty()) {
+      return e;
+    }
+    if (!(e = Expect(y, "output", kLiteRtElementTypeFloat32, -1)).empty()) return e;
+    bool same = y.type.layout.rank == xl.rank && y.type.layout.dimensions[xl.rank - 1] == n;
+    for (unsigned i = 0; same && i + 1 < xl.rank; ++i) {
+      same = y.type.layout.dimensions[i] == xl.dimensions[i];
+    }
+    if (!same) {
+      return "output '" + y.name + "' has shape " + ShapeString(y.type.layout) + " for input " +
+             ShapeString(xl) + " and " + std::to_string(n) + " output features";
+    }
+  }
+  node->kind = kind;
+  node->opt = opt;
+  node->n = n;
+  node->row_bytes = rb;
+  node->scale_cols = cols;
+  node->w = w.data;
+  node->scale = scale.data;
+  return "";
+}
+
+// ---- OpContext -------------------------------------------------------------
+
+size_t OpContext::KeyHash::operator()(const Key& k) const {
+  const size_t a = std::hash<const void*>()(k.w), b = std::hash<const void*>()(k.scale);
+  return a ^ (b * 0x9e3779b97f4a7c15ull) ^ static_cast<size_t>(k.kind);
+}
+
+OpContext::OpContext(const LiteRtApi* api, int threads) : api_(api), threads_(threads) {
+  for (int i = 0; i < kNumOps; ++i) users_[i] = {this, static_cast<OpKind>(i)};
+}
+
+std::string OpContext::AddNodes(std::vector<Node> nodes) {
+  nodes_ = std::move(nodes);
+  by_weights_.clear();
+  for (const Node& n : nodes_) {
+    auto [it, inserted] = by_weights_.emplace(Key{n.kind, n.w, n.scale}, &n);
+    if (!inserted && !SameOptions(it->second->opt, n.opt)) {
+      return n.where + " and " + it->second->where +
+             " share their weights but not their options; the runtime cannot tell them apart";
+    }
+  }
+  // TernaryUnpack: GetOutputLayouts sees only (N, row bytes, C) and must know K.
+  for (const Node& a : nodes_) {
+    for (const Node& b : nodes_) {
+      if (a.kind == kTernaryUnpack && b.kind == kTernaryUnpack && a.n == b.n &&
+          a.row_bytes == b.row_bytes && a.scale_cols == b.scale_cols && a.opt.k != b.opt.k) {
+        return a.where + " and " + b.where +
+               " have the same weight shapes but different k; the runtime cannot tell them apart";
+      }
+    }
+  }
+  return "";
+}
+
+const Node* OpContext::Find(OpKind kind, const void* w, const void* scale, int64_t n,
+                            int64_t row_bytes, int64_t scale_cols, int64_t k) const {
+  auto it = by_weights_.find(Key{kind, w, scale});
+  if (it != by_weights_.end()) return it->second;
+  // Fallback (weights not where the model said): a unique node of these shapes.
+  const Node* found = nullptr;
+  for (const Node& node : nodes_) {
+    if (node.kind != kind || node.n != n || node.row_bytes != row_bytes ||
+        node.scale_cols != scale_cols || node.opt.k != k) {
+      continue;
+    }
+    if (found != nullptr && !SameOptions(found->opt, node.opt)) return nullptr;
+    found = &node;
+  }
+  return found;
+}
+
+const Node* OpContext::FindUnpack(int64_t n, int64_t row_bytes, int64_t scale_cols) const {
+  for (const Node& node : nodes_) {
+    if (node.kind == kTernaryUnpack && node.n == n && node.row_bytes == row_bytes &&
+        node.scale_cols == scale_cols) {
+      return &node;  // AddNodes made (N, row bytes, C) -> k unique
+    }
+  }
+  return nullptr;
+}
+
+void OpContext::Fail(const std::string& message) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!failed_.load(std::memory_order_relaxed)) {
+    error_ = message;
+    failed_.store(true, std::memory_order_release);
+  }
+}
+
+std::string OpContext::error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_;
+}
+
+void OpContext::ClearError() {
+  std::lock_guard<std::mutex> lock(mu_);
+  error_.clear();
+  failed_.store(false, std::memory_order_release);
+}
+
+// ---- kernel callbacks --------------------------------------------------------
+
+namespace {
+
+constexpr LiteRtStatus kInvalidArgument = 1;  // kLiteRtStatusErrorInvalidArgument
+constexpr LiteRtStatus kRuntimeFailure = 3;   // kLiteRtStatusErrorRuntimeFailure
+
+struct Operand {
+  LiteRtRankedTensorType type;
+  void* data;
+  size_t size;
+};
+
+bool GetOperand(const LiteRtApi& api, LiteRtTensorBuffer b, Operand* o) {
+  int buffer_type = 0;
+  return b != nullptr && api.LiteRtGetTensorBufferType(b, &buffer_type) == kLiteRtStatusOk &&
+         buffer_type == kLiteRtTensorBufferTypeHostMemory &&
+         api.LiteRtGetTensorBufferTensorType(b, &o->type) == kLiteRtStatusOk &&
+         api.LiteRtGetTensorBufferSize(b, &o->size) == kLiteRtStatusOk &&
+         api.LiteRtGetTensorBufferHostMemory(b, &o->data) == kLiteRtStatusOk && o->data != nullptr;
+}
+
+LiteRtStatus Fail(OpContext* ctx, OpKind kind, const std::string& what) {
+  ctx->Fail(std::string(kOpNames[kind]) + ": " + what);
+  return kRuntimeFailure;
+}
+
+LiteRtStatus Init(void* user_data, const void* init_data, size_t init_data_size) {
+  auto* u = static_cast<OpUserData*>(user_data);
+  OpOptions opt;
+  const std::string e = ParseOptions(u->kind, init_data, init_data_size, &opt);
+  if (!e.empty()) {
+    Fail(u->ctx, u->kind, e);
+    return kInvalidArgument;
+  }
+  return kLiteRtStatusOk;
+}
+
+LiteRtStatus Destroy(void*) { return kLiteRtStatusOk; }
+
+LiteRtStatus GetOutputLayouts(void* user_data, size_t num_inputs, const LiteRtLayout* in,
+                              size_t num_outputs, LiteRtLayout* out) {
+  auto* u = static_cast<OpUserData*>(user_data);
+  const bool unpack = u->kind == kTernaryUnpack;
+  if (num_inputs != (unpack ? 2u : 4u) || num_outputs != 1 || in == nullptr || out == nullptr) {
+    return Fail(u->ctx, u->kind, "unexpected number of inputs or outputs");
+  }
+  const LiteRtLayout& w = in[unpack ? 0 : 1];
+  const LiteRtLayout& s = in[unpack ? 1 : 2];
+  if (w.rank != 2 || s.rank != 2 || s.dimensions[0] != w.dimensions[0] || s.dimensions[1] < 1) {
+    return Fail(u->ctx, u->kind,
+                "bad weight or scale shape " + ShapeString(w) + ", " + ShapeString(s));
+  }
+  LiteRtLayout y{};
+  if (unpack) {
+    const Node* node = u->ctx->FindUnpack(w.dimensions[0], w.dimensions[1], s.dimensions[1]);
+    if (node == nullptr) return Fail(u->ctx, u->kind, "no node with weights " + ShapeString(w));
+    y.rank = 2;
+    y.dimensions[0] = w.dimensions[0];
+    y.dimensions[1] = static_cast<int32_t>(node->opt.k);
+  } else {
+    const LiteRtLayout& x = in[0];
+    const int64_t k = x.rank >= 1 ? x.dimensions[x.rank - 1] : 0;
+    if (x.rank < 1 || k < 1 || RowBytes(k, u->kind) != w.dimensions[1] ||
+        k % s.dimensions[1] != 0) {
+      return Fail(u->ctx, u->kind,
+                  "input " + ShapeString(x) + " does not match weights " + ShapeString(w) +
+                      " and scale " + ShapeString(s));
+    }
+    y = x;
+    y.has_strides = 0;
+    y.dimensions[x.rank - 1] = w.dimensions[0];
+  }
+  *out = y;
+  return kLiteRtStatusOk;
+}
+
+LiteRtStatus Run(void* user_data, size_t num_inputs, const LiteRtTensorBuffer* inputs,
+                 size_t num_outputs, LiteRtTensorBuffer* outputs) {
+  auto* u = static_cast<OpUserData*>(user_data);
+  OpContext* ctx = u->ctx;
+  const bool unpack = u->kind == kTernaryUnpack;
+  if (num_inputs != (unpack ? 2u : 4u) || num_outputs != 1 || inputs == nullptr ||
+      outputs == nullptr) {
+    return Fail(ctx, u->kind, "unexpected number of inputs or outputs");
+  }
+  Operand x{}, w{}, s{}, b{}, y{};
+  const LiteRtApi& api = ctx->api();
+  bool ok = GetOperand(api, inputs[unpack ? 0 : 1], &w) &&
+            GetOperand(api, inputs[unpack ? 1 : 2], &s) && GetOperand(api, outputs[0], &y);
+  if (ok && !unpack) ok = GetOperand(api, inputs[0], &x) && GetOperand(api, inputs[3], &b);
+  if (!ok) return Fail(ctx, u->kind, "an operand is not a readable host-memory buffer");
+
+  const LiteRtLayout &wl = w.type.layout, &sl = s.type.layout, &yl = y.type.layout;
+  if (wl.rank != 2 || sl.rank != 2 || !IsPackedType(w.type.element_type) ||
+      s.type.element_type != kLiteRtElementTypeFloat32 ||
+      y.type.element_type != kLiteRtElementTypeFloat32) {
+    return Fail(ctx, u->kind, "unexpected weight, scale or output type");
+  }
+  const int64_t n = wl.dimensions[0], rb = wl.dimensions[1], cols = sl.dimensions[1];
+  int64_t m = 1, k = 0;
+  if (unpack) {
+    if (yl.rank != 2 || yl.dimensions[0] != n) {
+      return Fail(ctx, u->kind, "output shape " + ShapeString(yl));
+    }
+    k = yl.dimensions[1];
+  } else {
+    const LiteRtLayout& xl = x.type.layout;
+    if (x.type.element_type != kLiteRtElementTypeFloat32 || xl.rank < 1 ||
+        yl.rank != xl.rank || yl.dimensions[yl.rank - 1] != n) {
+      return Fail(ctx, u->kind, "input " + ShapeString(xl) + " and output " + ShapeString(yl) +
+                                    " do not fit weights " + ShapeString(wl));
+    }
+    k = xl.dimensions[xl.rank - 1];
+    for (unsigned i = 0; i + 1 < xl.rank; ++i) {
+      if (xl.dimensions[i] < 0 || xl.dimensions[i] != yl.dimensions[i]) {
+        return Fail(ctx, u->kind, "input " + ShapeString(xl) + " vs output " + ShapeString(yl));
+      }
+      m *= xl.dimensions[i];
+      if (m >= kMaxDim) return Fail(ctx, u->kind, "input " + ShapeString(xl) + " is too large");
+    }
+  }
+  const Node* node = ctx->Find(u->kind, w.data, s.data, n, rb, cols, k);
+  if (node == nullptr) {
+    return Fail(ctx, u->kind, "cannot tell which node runs (weights " + ShapeString(wl) + ")");
+  }
+  const OpOptions& opt = node->opt;
+  if (k != opt.k || rb != node->row_bytes || cols != node->scale_cols || n != node->n) {
+    return Fail(ctx, u->kind, node->where + ": operands do not match the node's options");
+  }
+  // Sizes of what the kernels read and write (every size < 2^31: products fit int64).
+  const bool sizes_ok = w.size >= static_cast<size_t>(n * rb) &&
+                        s.size >= static_cast<size_t>(n * cols) * 4 &&
+                        y.size >= static_cast<size_t>((unpack ? n * k : m * n)) * 4 &&
+                        (unpack || x.size >= static_cast<size_t>(m * k) * 4) &&
+                        (unpack || !opt.has_bias || b.size >= static_cast<size_t>(n) * 4);
+  if (!sizes_ok) return Fail(ctx, u->kind, node->where + ": a buffer is smaller than its shape");
+  if (m == 0) return kLiteRtStatusOk;
+
+  int code;
+  const auto* wp = static_cast<const uint8_t*>(w.data);
+  const auto* sp = static_cast<const float*>(s.data);
+  if (unpack) {
+    code = kUnpack[opt.format](wp, n, k, sp, cols, static_cast<float*>(y.data), ctx->threads());
+  } else {
+    const float* bp = opt.has_bias ? static_cast<const float*>(b.data) : nullptr;
+    code = kMatMul[opt.format](static_cast<const float*>(x.data), m, k, wp, n, sp, cols, bp,
+                               opt.clip, static_cast<float*>(y.data), ctx->threads());
+  }
+  if (code != TVK_OK) {
+    return Fail(ctx, u->kind,
+                node->where + ": " + tvk_error_string(code) + " (tvk error " +
+                    std::to_string(code) + ")");
+  }
+  return kLiteRtStatusOk;
+}
+
+}  // namespace
+
+const LiteRtCustomOpKernel& CustomOpKernel() {
+  static const LiteRtCustomOpKernel kernel = {Init, GetOutputLayouts, Run, Destroy};
+  return kernel;
+}
+
+}  // namespace tvr
