@@ -112,10 +112,14 @@ class TfliteVLM:
             raise TernvlmError(f"unknown backend {backend!r} (litert or interpreter)")
         d = self.cfg.decoder
         self._kv_shape = (1, d.kv_heads, self.cache_len, d.head_dim)
-        self.cache = {
-            f"{c}_{i}": np.zeros(self._kv_shape, np.float32) for i in range(d.layers) for c in "kv"
-        }
-        self._kv_names = list(self.cache)
+        names = [f"{c}_{i}" for i in range(d.layers) for c in "kv"]
+        if self._handle is not None:  # the driver's own decode inputs: no copy per step
+            self.cache = {n: self._handle.input_array("decode", n) for n in names}
+            for a in self.cache.values():
+                a[...] = 0.0
+        else:
+            self.cache = {n: np.zeros(self._kv_shape, np.float32) for n in names}
+        self._kv_names = names
 
     # -- VLM interface used by eval and generate ------------------------------------------
     def eval(self) -> TfliteVLM:
@@ -181,15 +185,25 @@ class TfliteVLM:
         """Logits [V] of ``token`` at position ``pos`` (cache holds [0, pos)); caches it."""
         if not 0 <= pos < self.cache_len:
             raise TernvlmError(f"position {pos} is outside the exported cache of {self.cache_len}")
-        out = self._run(
-            "decode",
-            token=np.array([[token]], np.int32),
-            pos=np.array([pos], np.int32),
-            **self.cache,
-        )
+        if self._handle is not None:
+            h = self._handle
+            h.input_array("decode", "token")[...] = token
+            h.input_array("decode", "pos")[...] = pos
+            h.run("decode")
+            out = {
+                f"output_{j}": h.output_array("decode", f"output_{j}")
+                for j in range(len(self._kv_names) + 1)
+            }
+        else:
+            out = self._run(
+                "decode",
+                token=np.array([[token]], np.int32),
+                pos=np.array([pos], np.int32),
+                **self.cache,
+            )
         for j, name in enumerate(self._kv_names):
             self.cache[name][:, :, pos : pos + 1] = out[f"output_{j + 1}"]
-        return out["output_0"][0, -1]
+        return out["output_0"][0, -1].copy()
 
     def generate_ids(
         self, prompt_ids: list[int], pixels: torch.Tensor, g: GenerationConfig
