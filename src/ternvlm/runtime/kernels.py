@@ -48,16 +48,21 @@ def library_path() -> str:
     return spec.origin
 
 
+def open_library() -> ctypes.CDLL:
+    """The compiled library, opened with no signatures declared (each user declares its own)."""
+    origin = library_path()
+    try:
+        return ctypes.CDLL(origin)
+    except OSError as e:
+        raise TernvlmError(f"cannot load compiled kernels {origin}: {e}") from None
+
+
 def _library() -> ctypes.CDLL:
     """Load the extension once and declare the C signatures."""
     global _lib
     if _lib is not None:
         return _lib
-    origin = library_path()
-    try:
-        lib = ctypes.CDLL(origin)
-    except OSError as e:
-        raise TernvlmError(f"cannot load compiled kernels {origin}: {e}") from None
+    lib = open_library()
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     for name in _MATMUL.values():
         fn = getattr(lib, name)

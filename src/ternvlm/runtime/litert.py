@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TernvlmError
-from .kernels import library_path
+from .kernels import library_path, open_library
 
 LITERT_REQUIREMENT = "ai-edge-litert==2.3.0"
 ALIGN = 64
@@ -102,13 +102,9 @@ def _library() -> ctypes.CDLL:
     global _lib
     if _lib is not None:
         return _lib
-    origin = library_path()
-    try:
-        lib = ctypes.CDLL(origin)
-    except OSError as e:
-        raise TernvlmError(f"cannot load compiled kernels {origin}: {e}") from None
+    lib = open_library()
     if not hasattr(lib, "tvr_open"):
-        raise TernvlmError(f"{origin} has no LiteRT driver; rebuild it: pip install -e .")
+        raise TernvlmError(f"{library_path()} has no LiteRT driver; rebuild it: pip install -e .")
     p, i32, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
     sig = {
         "tvr_open": ([ctypes.c_char_p, ctypes.c_char_p, i32, ctypes.c_char_p, sz], p),
