@@ -28,7 +28,8 @@ Runner = Callable[..., dict[str, np.ndarray]]  # runner(signature, **inputs) -> 
 
 
 def read_tflite_metadata(path: str | Path) -> tuple[VLMConfig, dict, Tokenizer]:
-    """Model config, export info and tokenizer stored in a ternvlm .tflite."""
+    """Model config, export info (plus the custom ops the file uses) and tokenizer of a
+    ternvlm .tflite."""
     from ..export.align import truncated_buffers
     from ..export.exporter import META_CONFIG, META_TOKENIZER, read_metadata
 
@@ -42,6 +43,7 @@ def read_tflite_metadata(path: str | Path) -> tuple[VLMConfig, dict, Tokenizer]:
         if truncated_buffers(data):
             raise TernvlmError(f"{p} is truncated: its weights end past the end of the file")
         meta = read_metadata(data)
+        custom_ops = custom_op_names(data)
     except TernvlmError:
         raise
     except Exception as e:  # a damaged flatbuffer fails anywhere inside the schema reader
@@ -51,7 +53,8 @@ def read_tflite_metadata(path: str | Path) -> tuple[VLMConfig, dict, Tokenizer]:
     try:
         config = json.loads(meta[META_CONFIG])
         tok = Tokenizer.from_str(meta[META_TOKENIZER].decode())
-        return VLMConfig.from_dict(config["model"]), config["export"], tok
+        info = {**config["export"], "custom_ops": custom_ops}  # read here: the file is in memory
+        return VLMConfig.from_dict(config["model"]), info, tok
     except Exception as e:
         raise TernvlmError(f"{p}: damaged ternvlm metadata ({type(e).__name__})") from None
 
@@ -65,11 +68,10 @@ def custom_op_names(data: bytes) -> list[str]:
     return sorted({c.decode() for c in codes if c})
 
 
-def _interpreter_runner(path: Path, threads: int) -> Runner:
-    """The wheel's stock Interpreter: only for files without our custom ops."""
+def _interpreter_runner(path: Path, threads: int, needed: list[str]) -> Runner:
+    """The wheel's stock Interpreter: only for files without custom ops (``needed`` empty)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    needed = custom_op_names(path.read_bytes())
     if needed:
         raise TernvlmError(
             f"{path.name} uses custom ops {', '.join(needed)} that the stock LiteRT interpreter "
@@ -105,7 +107,7 @@ class TfliteVLM:
         self.cache_len = int(self.export_info["cache_len"])
         self._handle = None
         if backend == "interpreter":
-            self._run = _interpreter_runner(self.path, threads)
+            self._run = _interpreter_runner(self.path, threads, self.export_info["custom_ops"])
         elif backend == "litert":
             self._run, self._handle = _driver_runner(self.path, threads)
         else:
