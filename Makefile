@@ -28,7 +28,7 @@ test: $(STAMP)
 ASAN_LIB := build/asan/libternvlm_kernels_asan.so
 $(ASAN_LIB): $(wildcard kernels/*.cc kernels/*.h)
 	mkdir -p $(dir $@)
-	$(CXX) -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+	$(CXX) -std=c++17 -O1 -g -ffp-contract=off -fno-omit-frame-pointer -fsanitize=address,undefined \
 	  -fno-sanitize-recover=undefined -shared -fPIC -pthread -Ikernels \
 	  $(filter-out kernels/module.cc,$(wildcard kernels/*.cc)) -ldl -o $@
 

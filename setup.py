@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 if sys.platform == "win32":
     compile_args, link_args = ["/O2", "/std:c++17"], []
 else:
-    compile_args = ["-O3", "-std=c++17", "-fvisibility=hidden", "-pthread"]
+    compile_args = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off", "-pthread"]
     link_args = ["-pthread"]
 
 setup(

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include "internal.h"
 #include "thread_pool.h"
@@ -58,22 +60,99 @@ void Epilogue(const MatmulProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
-int RunMatmul(Format fmt, const float* x, int64_t M, int64_t K, const uint8_t* w,
-              int64_t N, const float* scale, int64_t scale_cols, const float* bias,
-              float clip, float* y, int threads) {
+bool ValidFormat(int f) { return f >= 0 && f < kNumFormats; }
+
+// Per-calling-thread scratch for quantized activations (kept between calls).
+struct ActScratch {
+  std::vector<int8_t> xq, xp;
+  std::vector<int32_t> xsum;
+  std::vector<float> d;
+};
+
+// Quantizes every row of x (internal.h, ActQuant) and, when `permute`, lays it
+// out for the SIMD kernels.
+void QuantizeActs(Format fmt, const float* x, int64_t M, int64_t K, int64_t scale_cols,
+                  bool permute, ActScratch& s, ActQuant& a) {
+  const int64_t cpb = CodesPerByte(fmt);
+  a.chunk = 32 * cpb;
+  a.Kp = (K + a.chunk - 1) / a.chunk * a.chunk;
+  s.xq.resize(static_cast<size_t>(M * K));
+  s.xsum.assign(static_cast<size_t>(M * scale_cols), 0);
+  s.d.resize(static_cast<size_t>(M));
+  const int64_t G = K / scale_cols;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    int8_t* q = s.xq.data() + m * K;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = std::fabs(xm[k]);
+      finite = finite && std::isfinite(v);
+      amax = v > amax ? v : amax;
+    }
+    if (!finite || amax == 0.f) {
+      std::fill(q, q + K, int8_t{0});
+      s.d[m] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float inv = 127.f / amax;
+    int32_t* xs = s.xsum.data() + m * scale_cols;
+    for (int64_t k = 0; k < K; ++k) {
+      const float r = std::nearbyint(xm[k] * inv);
+      const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
+      q[k] = static_cast<int8_t>(v);
+      xs[k / G] += v;
+    }
+    s.d[m] = amax / 127.f;
+  }
+  a.xq = s.xq.data();
+  a.xsum = s.xsum.data();
+  a.d = s.d.data();
+  a.xp = nullptr;
+  if (!permute) return;
+  s.xp.assign(static_cast<size_t>(M * a.Kp), 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* q = s.xq.data() + m * K;
+    int8_t* out = s.xp.data() + m * a.Kp;
+    for (int64_t c0 = 0; c0 < K; c0 += a.chunk) {
+      for (int64_t i = 0; i < a.chunk && c0 + i < K; ++i) {  // i = cpb * j + plane
+        out[c0 + (i % cpb) * 32 + i / cpb] = q[c0 + i];
+      }
+    }
+  }
+  a.xp = s.xp.data();
+}
+
+int RunMatmul(Format fmt, bool act_int8, const float* x, int64_t M, int64_t K,
+              const uint8_t* w, int64_t N, const float* scale, int64_t scale_cols,
+              const float* bias, float clip, float* y, int threads) {
   if (x == nullptr) return TVK_ERR_NULL_POINTER;
   const int err = CheckCommon(w, scale, y, N, K, scale_cols, threads);
   if (err != TVK_OK) return err;
   if (BadDim(M)) return TVK_ERR_BAD_SHAPE;
   if (std::isnan(clip)) return TVK_ERR_BAD_CLIP;
 
-  const int64_t cpb = CodesPerByte(fmt);
-  const MatmulProblem p{fmt, x, M, K, w, N, (K + cpb - 1) / cpb, scale, scale_cols,
-                        K / scale_cols, bias, clip, y};
+  MatmulProblem p{fmt,  x,    M,          K,           w,    N,    RowBytes(fmt, K),
+                  scale, scale_cols, K / scale_cols, bias, clip, y};
   void (*kernel)(const MatmulProblem&, int64_t, int64_t) = MatmulScalar;
   int64_t align = 1;
+  const bool avx2 = TVK_HAVE_AVX2 && SelectPath() == TVK_PATH_AVX2;
+  thread_local ActScratch scratch;
+  ActQuant act;
+  if (act_int8) {
+    const int64_t chunk = 32 * CodesPerByte(fmt);
+    const bool simd = avx2 && fmt != Format::k1p6Bit &&
+                      (scale_cols == 1 || p.group % chunk == 0);
+    QuantizeActs(fmt, x, M, K, scale_cols, simd, scratch, act);
+    p.act = &act;
+    kernel = MatmulI8Scalar;
 #if TVK_HAVE_AVX2
-  if (SelectPath() == TVK_PATH_AVX2) {
+    if (simd) kernel = MatmulI8Avx2;
+#endif
+  }
+#if TVK_HAVE_AVX2
+  const bool float_simd = fmt == Format::k2Bit || fmt == Format::k1p6Bit || fmt == Format::k1Bit;
+  if (!act_int8 && avx2 && float_simd) {
     if (fmt != Format::k1p6Bit && M <= kSmallM) {
       kernel = MatmulSmallMAvx2;
     } else {
@@ -89,13 +168,24 @@ int RunMatmul(Format fmt, const float* x, int64_t M, int64_t K, const uint8_t* w
   return ok ? TVK_OK : TVK_ERR_INTERNAL;
 }
 
+int RunGather(Format fmt, const int32_t* ids, int64_t n_ids, const uint8_t* w, int64_t N,
+              int64_t K, const float* scale, int64_t scale_cols, float* out) {
+  if (ids == nullptr) return TVK_ERR_NULL_POINTER;
+  const int err = CheckCommon(w, scale, out, N, K, scale_cols, 1);
+  if (err != TVK_OK) return err;
+  if (BadDim(n_ids)) return TVK_ERR_BAD_SHAPE;
+  for (int64_t i = 0; i < n_ids; ++i) {
+    if (ids[i] < 0 || ids[i] >= N) return TVK_ERR_BAD_INDEX;
+  }
+  GatherScalar(fmt, w, RowBytes(fmt, K), K, scale, scale_cols, ids, n_ids, out);
+  return TVK_OK;
+}
+
 int RunUnpack(Format fmt, const uint8_t* w, int64_t N, int64_t K, const float* scale,
               int64_t scale_cols, float* out, int threads) {
   const int err = CheckCommon(w, scale, out, N, K, scale_cols, threads);
   if (err != TVK_OK) return err;
-  const int64_t cpb = CodesPerByte(fmt);
-  const UnpackProblem p{fmt, w, N, K, (K + cpb - 1) / cpb, scale, scale_cols,
-                        K / scale_cols, out};
+  const UnpackProblem p{fmt, w, N, K, RowBytes(fmt, K), scale, scale_cols, K / scale_cols, out};
   void (*kernel)(const UnpackProblem&, int64_t, int64_t) = UnpackScalar;
 #if TVK_HAVE_AVX2
   if (SelectPath() == TVK_PATH_AVX2) kernel = UnpackAvx2;
@@ -121,21 +211,21 @@ extern "C" {
 int tvk_ternary_matmul_2bit(const float* x, int64_t M, int64_t K, const uint8_t* w,
                             int64_t N, const float* scale, int64_t scale_cols,
                             const float* bias, float clip, float* y, int threads) {
-  TVK_GUARD(tvk::RunMatmul(tvk::Format::k2Bit, x, M, K, w, N, scale, scale_cols, bias,
+  TVK_GUARD(tvk::RunMatmul(tvk::Format::k2Bit, false, x, M, K, w, N, scale, scale_cols, bias,
                            clip, y, threads))
 }
 
 int tvk_ternary_matmul_1p6bit(const float* x, int64_t M, int64_t K, const uint8_t* w,
                               int64_t N, const float* scale, int64_t scale_cols,
                               const float* bias, float clip, float* y, int threads) {
-  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1p6Bit, x, M, K, w, N, scale, scale_cols, bias,
+  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1p6Bit, false, x, M, K, w, N, scale, scale_cols, bias,
                            clip, y, threads))
 }
 
 int tvk_binary_matmul_1bit(const float* x, int64_t M, int64_t K, const uint8_t* w,
                            int64_t N, const float* scale, int64_t scale_cols,
                            const float* bias, float clip, float* y, int threads) {
-  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1Bit, x, M, K, w, N, scale, scale_cols, bias,
+  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1Bit, false, x, M, K, w, N, scale, scale_cols, bias,
                            clip, y, threads))
 }
 
@@ -154,6 +244,36 @@ int tvk_binary_unpack_1bit(const uint8_t* w, int64_t N, int64_t K, const float* 
   TVK_GUARD(tvk::RunUnpack(tvk::Format::k1Bit, w, N, K, scale, scale_cols, out, threads))
 }
 
+int tvk_matmul(int format, int act, const float* x, int64_t M, int64_t K, const uint8_t* w,
+               int64_t N, const float* scale, int64_t scale_cols, const float* bias,
+               float clip, float* y, int threads) {
+  if (!tvk::ValidFormat(format) || (act != TVK_ACT_F32 && act != TVK_ACT_INT8)) {
+    return TVK_ERR_BAD_FORMAT;
+  }
+  TVK_GUARD(tvk::RunMatmul(static_cast<tvk::Format>(format), act == TVK_ACT_INT8, x, M, K, w,
+                           N, scale, scale_cols, bias, clip, y, threads))
+}
+
+int64_t tvk_row_bytes(int format, int64_t K) {
+  if (!tvk::ValidFormat(format)) return TVK_ERR_BAD_FORMAT;
+  if (tvk::BadDim(K)) return TVK_ERR_BAD_SHAPE;
+  return tvk::RowBytes(static_cast<tvk::Format>(format), K);
+}
+
+int tvk_gather(int format, const int32_t* ids, int64_t n_ids, const uint8_t* w, int64_t N,
+               int64_t K, const float* scale, int64_t scale_cols, float* out) {
+  if (!tvk::ValidFormat(format)) return TVK_ERR_BAD_FORMAT;
+  TVK_GUARD(tvk::RunGather(static_cast<tvk::Format>(format), ids, n_ids, w, N, K, scale,
+                           scale_cols, out))
+}
+
+int tvk_unpack(int format, const uint8_t* w, int64_t N, int64_t K, const float* scale,
+               int64_t scale_cols, float* out, int threads) {
+  if (!tvk::ValidFormat(format)) return TVK_ERR_BAD_FORMAT;
+  TVK_GUARD(tvk::RunUnpack(static_cast<tvk::Format>(format), w, N, K, scale, scale_cols, out,
+                           threads))
+}
+
 const char* tvk_error_string(int code) {
   switch (code) {
     case TVK_OK:
@@ -170,6 +290,10 @@ const char* tvk_error_string(int code) {
       return "clip is NaN";
     case TVK_ERR_INTERNAL:
       return "internal error (out of memory or cannot start a thread)";
+    case TVK_ERR_BAD_FORMAT:
+      return "unknown weight format or activation mode";
+    case TVK_ERR_BAD_INDEX:
+      return "an index is outside [0, N)";
     default:
       return "unknown error code";
   }

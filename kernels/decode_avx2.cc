@@ -73,6 +73,16 @@ TVK_AVX2 void DecodeTrits(const uint8_t* row, const float* srow, int64_t G, int6
   }
 }
 
+// The head formats (int8 / int4) are unpacked rarely (only --ops unpack of a
+// quantized head); plain code is enough there.
+template <Format F>
+void DecodeScalar(const uint8_t* row, const float* srow, int64_t group, int64_t k0, int64_t k1,
+                  float* out) {
+  for (int64_t k = k0; k < k1; ++k) {
+    out[k - k0] = srow[k / group] * static_cast<float>(CodeAt<F>(row, k));
+  }
+}
+
 }  // namespace
 
 void DecodeRowAvx2(Format fmt, const uint8_t* row, const float* srow, int64_t group,
@@ -84,6 +94,10 @@ void DecodeRowAvx2(Format fmt, const uint8_t* row, const float* srow, int64_t gr
       return DecodeTrits(row, srow, group, k0, k1, out);
     case Format::k1Bit:
       return DecodeBits<Format::k1Bit>(row, srow, group, k0, k1, out);
+    case Format::kInt8:
+      return DecodeScalar<Format::kInt8>(row, srow, group, k0, k1, out);
+    case Format::kInt4:
+      return DecodeScalar<Format::kInt4>(row, srow, group, k0, k1, out);
   }
 }
 

@@ -23,10 +23,28 @@
 
 namespace tvk {
 
-enum class Format { k2Bit, k1p6Bit, k1Bit };
+// Values match TVK_FMT_* (tvk.h) and the custom-op options' format field.
+enum class Format { k2Bit = 0, k1p6Bit = 1, k1Bit = 2, kInt8 = 3, kInt4 = 4 };
+constexpr int kNumFormats = 5;
 
 constexpr int CodesPerByte(Format f) {
-  return f == Format::k2Bit ? 4 : (f == Format::k1p6Bit ? 5 : 8);
+  switch (f) {
+    case Format::k2Bit:
+      return 4;
+    case Format::k1p6Bit:
+      return 5;
+    case Format::k1Bit:
+      return 8;
+    case Format::kInt8:
+      return 1;
+    case Format::kInt4:
+      return 2;
+  }
+  return 1;
+}
+
+constexpr int64_t RowBytes(Format f, int64_t k) {
+  return (k + CodesPerByte(f) - 1) / CodesPerByte(f);
 }
 
 // AVX2 tiling, shared by the dispatcher (thread chunks are multiples of
@@ -62,10 +80,35 @@ inline int CodeAt(const uint8_t* row, int64_t k) {
     return ((row[k >> 2] >> (2 * (k & 3))) & 3) - 1;  // stored 3 -> 2, as pack.unpack
   } else if constexpr (F == Format::k1p6Bit) {
     return kTrits.q[row[k / 5]][k % 5];
-  } else {
+  } else if constexpr (F == Format::k1Bit) {
     return ((row[k >> 3] >> (k & 7)) & 1) * 2 - 1;
+  } else if constexpr (F == Format::kInt8) {
+    return static_cast<int8_t>(row[k]);
+  } else {
+    return ((row[k >> 1] >> (4 * (k & 1))) & 15) - 8;  // int4: q + 8 per nibble, low first
   }
 }
+
+// int8 activations (tvk_matmul with TVK_ACT_INT8): each row m of x becomes
+// xq = rint(x * (127 / amax)) with amax = max |x[m, :]|, and
+//   y[m, n] = (sum_g scale[n, g] * (float) sum_{k in g} xq[k] * q[n, k]) * (amax / 127)
+// (0 for an all-zero row, NaN for a row with inf/NaN). The integer sums are
+// exact, so every path gives bit-identical results.
+//
+// For the SIMD kernels a row of xq is also stored permuted to match the bit
+// planes of the packed weights: a chunk is 32 bytes of one weight row, i.e.
+// 32 * CodesPerByte codes, and plane s of byte j holds code CodesPerByte*j + s
+// of the chunk (true for every format but 1.6bit), so
+//   xp[c * chunk + s * 32 + j] = xq[c * chunk + CodesPerByte * j + s]
+// and positions past K are 0 (the weights there may be anything).
+struct ActQuant {
+  const int8_t* xq = nullptr;    // [M, K] row-major (reference path)
+  const int8_t* xp = nullptr;    // [M, Kp] permuted (SIMD path) or nullptr
+  const int32_t* xsum = nullptr; // [M, scale_cols]: sum of xq per scale group
+  const float* d = nullptr;      // [M]: amax / 127 (0 or NaN, see above)
+  int64_t Kp = 0;                // K rounded up to whole chunks
+  int64_t chunk = 0;             // codes per chunk
+};
 
 struct MatmulProblem {
   Format fmt;
@@ -78,6 +121,7 @@ struct MatmulProblem {
   const float* bias;  // [N] or nullptr
   float clip;         // <= 0: none
   float* y;           // [M, N]
+  const ActQuant* act = nullptr;  // int8 activations, else nullptr (float)
 };
 
 struct UnpackProblem {
@@ -93,6 +137,12 @@ struct UnpackProblem {
 // matmul kernels write the raw product; bias and clip are applied by the
 // dispatcher so every path shares one epilogue.
 void MatmulScalar(const MatmulProblem& p, int64_t n0, int64_t n1);
+// p.act set: the int8-activation product from p.act->xq (reference).
+void MatmulI8Scalar(const MatmulProblem& p, int64_t n0, int64_t n1);
+// Dequantized rows ids[i] of W into out[i, :] (ids already range-checked).
+void GatherScalar(Format fmt, const uint8_t* w, int64_t row_bytes, int64_t K,
+                  const float* scale, int64_t scale_cols, const int32_t* ids, int64_t n_ids,
+                  float* out);
 void UnpackScalar(const UnpackProblem& p, int64_t n0, int64_t n1);
 
 #if TVK_HAVE_AVX2
@@ -103,6 +153,9 @@ void MatmulSmallMAvx2(const MatmulProblem& p, int64_t n0, int64_t n1);
 // and reuses them across all rows of x. n0 must be a multiple of kBlockRows.
 void MatmulBlockedAvx2(const MatmulProblem& p, int64_t n0, int64_t n1);
 void UnpackAvx2(const UnpackProblem& p, int64_t n0, int64_t n1);
+// int8 activations from p.act->xp, every format but 1.6bit; scale groups must
+// be whole chunks (scale_cols == 1 or group % chunk == 0).
+void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1);
 // out[k - k0] = q[k] * srow[k / group] for k in [k0, k1); k0 must be a
 // multiple of CodesPerByte(fmt) for 1.6bit. Writes nothing outside the range.
 void DecodeRowAvx2(Format fmt, const uint8_t* row, const float* srow,

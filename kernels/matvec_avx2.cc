@@ -117,6 +117,9 @@ void MatmulSmallMAvx2(const MatmulProblem& p, int64_t n0, int64_t n1) {
       return MatmulSmallMT<Format::k1Bit>(p, n0, n1);
     case Format::k1p6Bit:
       return MatmulBlockedAvx2(p, n0, n1);  // trits do not split into lanes
+    case Format::kInt8:
+    case Format::kInt4:
+      return MatmulScalar(p, n0, n1);  // not dispatched here (api.cc)
   }
 }
 

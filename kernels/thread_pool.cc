@@ -10,17 +10,33 @@
 
 namespace tvk {
 
+namespace {
+
+// Spin iterations (one pause each, ~10-40 ns) before a worker sleeps: longer
+// than the gap between two kernels of one decode step, short when idle.
+constexpr int kSpinIterations = 1 << 12;
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+}  // namespace
+
 ThreadPool::~ThreadPool() { StopAll(); }
 
 void ThreadPool::StopAll() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true, std::memory_order_release);
   }
   work_cv_.notify_all();
   for (std::thread& t : threads_) t.join();
   threads_.clear();
-  stop_ = false;
+  stop_.store(false, std::memory_order_release);
 }
 
 void ThreadPool::Resize(int workers) {
@@ -29,7 +45,8 @@ void ThreadPool::Resize(int workers) {
   try {
     threads_.reserve(workers);
     for (int i = 0; i < workers; ++i) {
-      threads_.emplace_back(&ThreadPool::WorkerLoop, this, i, generation_);
+      threads_.emplace_back(&ThreadPool::WorkerLoop, this, i,
+                            generation_.load(std::memory_order_relaxed));
     }
   } catch (...) {
     StopAll();  // leave an empty, consistent pool behind
@@ -38,39 +55,51 @@ void ThreadPool::Resize(int workers) {
 }
 
 void ThreadPool::WorkerLoop(int index, uint64_t seen_generation) {
-  std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    work_cv_.wait(lock, [&] { return stop_ || generation_ != seen_generation; });
-    if (stop_) return;
-    seen_generation = generation_;
-    const std::function<void(int)>* task = task_;
-    const int task_index = index + 1;  // index 0 is the caller's
-    bool ok = true;
-    if (task_index < n_tasks_) {
-      lock.unlock();
-      try {
-        (*task)(task_index);
-      } catch (...) {
-        ok = false;
+    int spins = 0;
+    while (generation_.load(std::memory_order_acquire) == seen_generation &&
+           !stop_.load(std::memory_order_acquire)) {
+      if (++spins < kSpinIterations) {
+        CpuRelax();
+        continue;
       }
-      lock.lock();
+      std::unique_lock<std::mutex> lock(mu_);
+      sleepers_.fetch_add(1, std::memory_order_relaxed);
+      work_cv_.wait(lock, [&] {
+        return stop_.load(std::memory_order_acquire) ||
+               generation_.load(std::memory_order_acquire) != seen_generation;
+      });
+      sleepers_.fetch_sub(1, std::memory_order_relaxed);
     }
-    if (!ok) failed_ = true;
-    if (--pending_ == 0) done_cv_.notify_one();
+    if (stop_.load(std::memory_order_acquire)) return;
+    seen_generation = generation_.load(std::memory_order_acquire);
+    const int task_index = index + 1;  // index 0 is the caller's
+    if (task_index < n_tasks_) {
+      try {
+        (*task_)(task_index);
+      } catch (...) {
+        failed_.store(true, std::memory_order_relaxed);
+      }
+    }
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 
 bool ThreadPool::Run(int workers, int n, const std::function<void(int)>& task) {
   Resize(workers);
+  task_ = &task;
+  n_tasks_ = n;
+  failed_.store(false, std::memory_order_relaxed);
+  pending_.store(static_cast<int>(threads_.size()), std::memory_order_relaxed);
+  bool wake;
   {
+    // Under the mutex: a worker between its last check and its wait cannot
+    // miss this increment.
     std::lock_guard<std::mutex> lock(mu_);
-    task_ = &task;
-    n_tasks_ = n;
-    pending_ = static_cast<int>(threads_.size());  // every worker acknowledges
-    failed_ = false;
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_release);
+    wake = sleepers_.load(std::memory_order_relaxed) > 0;
   }
-  work_cv_.notify_all();
+  if (wake) work_cv_.notify_all();
   bool ok = true;
   try {
     task(0);
@@ -78,10 +107,15 @@ bool ThreadPool::Run(int workers, int n, const std::function<void(int)>& task) {
     ok = false;
   }
   // Wait even after a failure: workers still reference `task`.
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [&] { return pending_ == 0; });
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < kSpinIterations) {
+      CpuRelax();
+    } else {
+      std::this_thread::yield();  // a worker was descheduled: give it the core
+    }
+  }
   task_ = nullptr;
-  return ok && !failed_;
+  return ok && !failed_.load(std::memory_order_relaxed);
 }
 
 namespace {

@@ -12,6 +12,9 @@
 //   1.6bit : 5 trits per byte, byte = sum_i (q_i+1) * 3^i. Row = ceil(K/5)
 //            bytes. Bytes > 242 decode digit-wise like pack.unpack does.
 //   1bit   : bit i of byte k/8 is 1 for +1, 0 for -1. Row = ceil(K/8) bytes.
+//   int8   : one signed byte per weight (embedding / LM head). Row = K bytes.
+//   int4   : q in [-8, 7] stored as q+8 in bits 4i..4i+3 of byte k/2
+//            (i = k%2). Row = ceil(K/2) bytes (embedding / LM head).
 //
 // scale is [N, scale_cols] row-major; scale_cols must divide K and the group
 // size is G = K / scale_cols (scale_cols == 1: one scale per output row; a
@@ -19,6 +22,14 @@
 //   y[m, n] = sum_g scale[n, g] * sum_{k in group g} x[m, k] * q[n, k]
 // bias ([N]) may be NULL. clip <= 0 disables clipping, otherwise y is clamped
 // to [-clip, clip]. threads in [1, 64]; threads == 1 runs on the caller.
+//
+// Activations: TVK_ACT_F32 multiplies float x with the codes as written above;
+// TVK_ACT_INT8 first quantizes each row of x to int8 with its own scale,
+//   xq = rint(x * (127 / amax)), amax = max_k |x[m, k]|,
+// and returns (sum_g scale[n, g] * (float) sum_{k in g} xq[k] q[n, k]) * amax / 127
+// computed with exact integer sums (all-zero row: 0; inf/NaN in a row: NaN).
+// That is bitnet.cpp's a8 scheme; ternvlm.export.ops computes the same in
+// PyTorch so exported files match the model they come from.
 //
 // Every function returns TVK_OK (0) or a negative TVK_ERR_* code and never
 // crashes on bad sizes or NULL pointers. Calls are thread-safe; concurrent
@@ -46,7 +57,20 @@ enum {
   TVK_ERR_BAD_THREADS = -4,
   TVK_ERR_BAD_CLIP = -5,
   TVK_ERR_INTERNAL = -6,
+  TVK_ERR_BAD_FORMAT = -7,
+  TVK_ERR_BAD_INDEX = -8,
 };
+
+// Weight formats (also the custom-op options' format field).
+enum {
+  TVK_FMT_2BIT = 0,
+  TVK_FMT_1P6BIT = 1,
+  TVK_FMT_1BIT = 2,
+  TVK_FMT_INT8 = 3,
+  TVK_FMT_INT4 = 4,
+};
+
+enum { TVK_ACT_F32 = 0, TVK_ACT_INT8 = 1 };
 
 // Implementation paths for tvk_force_path / tvk_active_path.
 enum {
@@ -71,6 +95,21 @@ TVK_API int tvk_binary_matmul_1bit(const float* x, int64_t M, int64_t K,
                                    const float* scale, int64_t scale_cols,
                                    const float* bias, float clip, float* y,
                                    int threads);
+
+// Any format and activation mode (the per-format functions above are
+// tvk_matmul(TVK_FMT_..., TVK_ACT_F32, ...)).
+TVK_API int tvk_matmul(int format, int act, const float* x, int64_t M, int64_t K,
+                       const uint8_t* w, int64_t N, const float* scale, int64_t scale_cols,
+                       const float* bias, float clip, float* y, int threads);
+// Bytes of one packed row of K codes in `format`, or a negative error code.
+TVK_API int64_t tvk_row_bytes(int format, int64_t K);
+// Embedding lookup on packed rows: out[i, :] = q[ids[i], :] * scale[ids[i], k / G]
+// for i < n_ids; TVK_ERR_BAD_INDEX if any id is outside [0, N).
+TVK_API int tvk_gather(int format, const int32_t* ids, int64_t n_ids, const uint8_t* w,
+                       int64_t N, int64_t K, const float* scale, int64_t scale_cols,
+                       float* out);
+TVK_API int tvk_unpack(int format, const uint8_t* w, int64_t N, int64_t K, const float* scale,
+                       int64_t scale_cols, float* out, int threads);
 
 // out[n, k] = q[n, k] * scale[n, k / G]  (dequantized float32 [N, K]).
 TVK_API int tvk_ternary_unpack_2bit(const uint8_t* w, int64_t N, int64_t K,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ternvlm.errors import TernvlmError
-from ternvlm.quant.pack import pack, packed_row_bytes, unpack
+from ternvlm.quant.pack import CODE_RANGE, pack, packed_row_bytes, unpack
 from ternvlm.runtime import kernels
 
 FORMATS = ["2bit", "1.6bit", "1bit"]
@@ -26,6 +26,9 @@ def _auto_path():
 
 
 def random_codes(rng, n, k, fmt, p_zero=0.3):
+    if fmt in ("int8", "int4"):
+        lo, hi = CODE_RANGE[fmt]
+        return rng.integers(lo, hi + 1, size=(n, k))
     if fmt == "1bit":
         return rng.choice([-1, 1], size=(n, k))
     return rng.choice([-1, 0, 1], size=(n, k), p=[(1 - p_zero) / 2, p_zero, (1 - p_zero) / 2])
@@ -285,6 +288,11 @@ def test_bad_arguments_other_entry_points():
 
 def test_c_abi_rejects_bad_arguments_without_crashing():
     lib = kernels._library()
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    for name in ("tvk_ternary_matmul_2bit",):
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i64, p, f32, p, i32]
+    for name in ("tvk_ternary_unpack_2bit", "tvk_ternary_unpack_1p6bit", "tvk_binary_unpack_1bit"):
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, i32]
     x = np.ones((2, 8), np.float32)
     w = np.zeros((3, 2), np.uint8)
     s = np.ones(3, np.float32)
@@ -322,3 +330,161 @@ def test_c_abi_rejects_bad_arguments_without_crashing():
     lib.tvk_force_path(12345)  # ignored
     assert lib.tvk_active_path() in (1, 2)
     assert ctypes.c_int(lib.tvk_active_path()).value == kernels.PATHS[kernels.active_path()]
+
+
+ALL_FORMATS = ["2bit", "1.6bit", "1bit", "int8", "int4"]
+
+
+def int8_act_reference(x, packed, k, scale, fmt, bias=None, clip=None):
+    """tvk.h's int8-activation formula in float32 numpy, operation for operation."""
+    codes = unpack(packed, k, fmt).astype(np.int64)
+    s = scale.reshape(packed.shape[0], -1).astype(np.float32)
+    cols = s.shape[1]
+    g = k // cols
+    y = np.zeros((x.shape[0], packed.shape[0]), np.float32)
+    for m, row in enumerate(x):
+        amax = np.abs(row).max()
+        if not np.isfinite(row).all():
+            y[m] = np.nan
+            continue
+        if amax == 0:
+            continue
+        inv = np.float32(127) / amax
+        xq = np.clip(np.rint(row * inv), -127, 127).astype(np.int64)
+        total = np.zeros(packed.shape[0], np.float32)
+        for j in range(cols):
+            dot = (codes[:, j * g : (j + 1) * g] @ xq[j * g : (j + 1) * g]).astype(np.float32)
+            total = total + s[:, j] * dot
+        y[m] = total * (amax / np.float32(127))
+    if bias is not None:
+        y = y + bias
+    if clip is not None:
+        y = np.clip(y, np.float32(-clip), np.float32(clip))
+    return y
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fmt=st.sampled_from(ALL_FORMATS),
+    m=st.integers(1, 9),
+    k=st.integers(1, 400),
+    n=st.integers(1, 40),
+    group_pick=st.integers(0, 1000),
+    use_bias=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_int8_activations_exact(fmt, m, k, n, group_pick, use_bias, seed):
+    """Every path and thread count equals the float32 formula bit for bit."""
+    rng = np.random.default_rng(seed)
+    divisors = [d for d in range(1, k + 1) if k % d == 0]
+    cols = divisors[group_pick % len(divisors)]
+    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100)).astype(np.float32)
+    if m > 1:
+        x[rng.integers(m)] = 0  # an all-zero row gives 0 (+ bias)
+    scale = rng.uniform(0.01, 2.0, size=(n, cols)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    want = int8_act_reference(x, packed, k, scale, fmt, bias, 3.0)
+    for path in PATHS:
+        kernels.force_path(path)
+        for threads in (1, 2):
+            y = kernels.matmul(
+                x, packed, k, scale, fmt=fmt, act="int8", bias=bias, clip=3.0, threads=threads
+            )
+            np.testing.assert_array_equal(y, want, err_msg=f"{path} threads={threads}")
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+@pytest.mark.parametrize(
+    ("m", "k", "n", "cols"),
+    [(1, 576, 1536, 1), (1, 1536, 576, 1), (3, 960, 37, 15), (5, 576, 64, 9), (1, 4096, 8, 1)],
+)
+def test_int8_activations_model_shapes(fmt, m, k, n, cols):
+    """Real model widths (576, 960, 1536: not multiples of 256) and group scales."""
+    rng = np.random.default_rng(k + n)
+    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    scale = rng.uniform(0.01, 2.0, size=(n, cols)).astype(np.float32)
+    want = int8_act_reference(x, packed, k, scale, fmt)
+    for path in PATHS:
+        kernels.force_path(path)
+        np.testing.assert_array_equal(
+            kernels.matmul(x, packed, k, scale, fmt=fmt, act="int8", threads=2), want
+        )
+    # close to the float-activation product: int8 rounding is the only difference
+    w = dequant(packed, k, scale, fmt)
+    ref, mag = reference(x, w, None, None)
+    assert (np.abs(want - ref) <= 0.02 * mag + 1e-6).all()
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_int8_activations_non_finite_rows_are_nan(fmt):
+    rng = np.random.default_rng(3)
+    k, n = 70, 9
+    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    x[0, 5], x[2, 0] = np.inf, np.nan
+    scale = np.ones(n, np.float32)
+    for path in PATHS:
+        kernels.force_path(path)
+        y = kernels.matmul(x, packed, k, scale, fmt=fmt, act="int8")
+        assert np.isnan(y[0]).all() and np.isnan(y[2]).all() and np.isfinite(y[1]).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize(("m", "k", "n", "cols"), [(1, 13, 5, 1), (4, 576, 33, 9), (9, 130, 8, 2)])
+def test_int_formats_float_activations(fmt, m, k, n, cols):
+    rng = np.random.default_rng(m + k)
+    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    scale = rng.uniform(0.01, 2.0, size=(n, cols)).astype(np.float32)
+    w = dequant(packed, k, scale, fmt)
+    ref, mag = reference(x, w, None, None)
+    for path in PATHS:
+        kernels.force_path(path)
+        assert_close(kernels.matmul(x, packed, k, scale, fmt=fmt, threads=2), ref, mag)
+        np.testing.assert_array_equal(kernels.unpack(packed, k, scale, fmt), w.astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_gather_rows(fmt):
+    rng = np.random.default_rng(4)
+    k, n = 97, 50
+    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    scale = rng.uniform(0.01, 2.0, size=n).astype(np.float32)
+    ids = np.array([0, 49, 7, 7, 3], np.int32)
+    w = dequant(packed, k, scale, fmt).astype(np.float32)
+    np.testing.assert_array_equal(kernels.gather(ids, packed, k, scale, fmt), w[ids])
+    assert kernels.gather(ids[:0], packed, k, scale, fmt).shape == (0, k)
+
+
+@pytest.mark.parametrize("bad", [-1, 50, 2**31 - 1])
+def test_gather_bad_index(bad):
+    rng = np.random.default_rng(5)
+    packed = pack(random_codes(rng, 50, 16, "int8"), "int8")
+    scale = np.ones(50, np.float32)
+    with pytest.raises(TernvlmError, match="index"):
+        kernels.gather(np.array([1, bad], np.int32), packed, 16, scale, "int8")
+    with pytest.raises(TernvlmError, match="int32"):
+        kernels.gather(np.array([1, 2], np.int64), packed, 16, scale, "int8")
+
+
+def test_new_entry_points_reject_bad_arguments():
+    x, packed, k, scale = _ok_args("int4")
+    with pytest.raises(TernvlmError, match="activation mode"):
+        kernels.matmul(x, packed, k, scale, fmt="int4", act="fp8")
+    with pytest.raises(TernvlmError, match="packed has shape"):
+        kernels.matmul(x, packed, k, scale, fmt="int8")
+    lib = kernels._library()
+    y = np.empty((2, 3), np.float32)
+    args = (x.ctypes.data, 2, k, packed.ctypes.data, 3, scale.ctypes.data, 1, None, 0.0)
+    assert lib.tvk_matmul(4, 1, *args, y.ctypes.data, 1) == 0
+    assert lib.tvk_matmul(5, 1, *args, y.ctypes.data, 1) == -7  # bad format
+    assert lib.tvk_matmul(-1, 0, *args, y.ctypes.data, 1) == -7
+    assert lib.tvk_matmul(4, 2, *args, y.ctypes.data, 1) < 0  # bad activation mode
+    assert lib.tvk_row_bytes(4, 11) == 6 and lib.tvk_row_bytes(1, 11) == 3
+    assert lib.tvk_row_bytes(9, 11) < 0 and lib.tvk_row_bytes(0, -1) < 0
+    assert (
+        lib.tvk_gather(3, None, 1, packed.ctypes.data, 3, k, scale.ctypes.data, 1, y.ctypes.data)
+        < 0
+    )

@@ -5,6 +5,9 @@
 - ``1.6bit``: 5 trits per byte: byte = sum_i (q_i + 1) * 3^i over k = 5j..5j+4 (max 242).
   Row length ceil(K/5) bytes: 1.6 bits per weight, 20% denser than 2-bit.
 - ``1bit``: 8 codes per byte, bit i of byte k//8 is 1 for +1 and 0 for -1. Row length ceil(K/8).
+- ``int8``: one signed byte per code in [-127, 127] (embedding / LM head). Row length K.
+- ``int4``: 2 codes per byte, q in [-8, 7] stored as q+8 in bits 4i..4i+3 of byte k//2.
+  Row length ceil(K/2) (embedding / LM head).
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ import numpy as np
 
 from ..errors import TernvlmError
 
-FORMATS = {"2bit": 4, "1.6bit": 5, "1bit": 8}  # codes per byte
+FORMATS = {"2bit": 4, "1.6bit": 5, "1bit": 8, "int8": 1, "int4": 2}  # codes per byte
+CODE_RANGE = {
+    "2bit": (-1, 1),
+    "1.6bit": (-1, 1),
+    "1bit": (-1, 1),
+    "int8": (-127, 127),
+    "int4": (-8, 7),
+}
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.int32)
 
 
@@ -36,11 +46,16 @@ def pack(codes: np.ndarray, fmt: str) -> np.ndarray:
         raise TernvlmError(f"pack expects [N, K] codes, got shape {codes.shape}")
     if fmt not in FORMATS:
         raise TernvlmError(f"unknown pack format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    lo = -1
+    lo, hi = CODE_RANGE[fmt]
     if codes.size and (
-        codes.min() < lo or codes.max() > 1 or (fmt == "1bit" and (codes == 0).any())
+        codes.min() < lo or codes.max() > hi or (fmt == "1bit" and (codes == 0).any())
     ):
-        raise TernvlmError(f"codes out of range for {fmt}")
+        raise TernvlmError(f"codes out of range [{lo}, {hi}] for {fmt}")
+    if fmt == "int8":
+        return codes.astype(np.int8).view(np.uint8).copy()
+    if fmt == "int4":
+        g = _padded(codes + 8, 2, 8)
+        return (g << (4 * np.arange(2))).sum(-1).astype(np.uint8)
     if fmt == "2bit":
         g = _padded(codes + 1, 4, 1)
         return (g << (2 * np.arange(4))).sum(-1).astype(np.uint8)
@@ -58,8 +73,12 @@ def unpack(packed: np.ndarray, k: int, fmt: str) -> np.ndarray:
         raise TernvlmError(f"unknown pack format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if packed.ndim != 2 or packed.shape[1] != packed_row_bytes(k, fmt):
         raise TernvlmError(f"packed shape {packed.shape} does not hold K={k} codes in {fmt}")
+    if fmt == "int8":
+        return packed.view(np.int8).copy()
     p = packed.astype(np.int32)[..., None]
-    if fmt == "2bit":
+    if fmt == "int4":
+        q = ((p >> (4 * np.arange(2))) & 15) - 8
+    elif fmt == "2bit":
         q = ((p >> (2 * np.arange(4))) & 3) - 1
     elif fmt == "1.6bit":
         q = (p // _POW3) % 3 - 1

@@ -6,6 +6,8 @@ the C side checks sizes, scale groups and thread counts. Every problem raises Te
 
     y = ternary_matmul(x, packed, k, scale)          # x [M, k] f32, packed [N, bytes] u8
     y = ternary_matmul(x, packed, k, scale, bias=b, clip=6.0, fmt="1.6bit", threads=2)
+    y = matmul(x, packed, k, scale, fmt="int4", act="int8")  # any format; int8 activations
+    e = gather(ids, packed, k, scale, fmt="int8")    # embedding rows [len(ids), k]
 
 ``scale`` is [N] (per row) or [N, C] with C dividing k (one scale per group of k // C columns).
 """
@@ -24,16 +26,8 @@ from ..quant.pack import packed_row_bytes
 
 PATHS = {"auto": 0, "scalar": 1, "avx2": 2}
 _PATH_NAMES = {1: "scalar", 2: "avx2", 3: "neon"}
-_MATMUL = {
-    "2bit": "tvk_ternary_matmul_2bit",
-    "1.6bit": "tvk_ternary_matmul_1p6bit",
-    "1bit": "tvk_binary_matmul_1bit",
-}
-_UNPACK = {
-    "2bit": "tvk_ternary_unpack_2bit",
-    "1.6bit": "tvk_ternary_unpack_1p6bit",
-    "1bit": "tvk_binary_unpack_1bit",
-}
+FORMAT_IDS = {"2bit": 0, "1.6bit": 1, "1bit": 2, "int8": 3, "int4": 4}  # TVK_FMT_* in tvk.h
+ACTS = {"f32": 0, "int8": 1}  # TVK_ACT_*
 _lib: ctypes.CDLL | None = None
 
 
@@ -64,14 +58,14 @@ def _library() -> ctypes.CDLL:
         return _lib
     lib = open_library()
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    for name in _MATMUL.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [p, i64, i64, p, i64, p, i64, p, f32, p, i32]
-        fn.restype = i32
-    for name in _UNPACK.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [p, i64, i64, p, i64, p, i32]
-        fn.restype = i32
+    lib.tvk_matmul.argtypes = [i32, i32, p, i64, i64, p, i64, p, i64, p, f32, p, i32]
+    lib.tvk_matmul.restype = i32
+    lib.tvk_unpack.argtypes = [i32, p, i64, i64, p, i64, p, i32]
+    lib.tvk_unpack.restype = i32
+    lib.tvk_gather.argtypes = [i32, p, i64, p, i64, i64, p, i64, p]
+    lib.tvk_gather.restype = i32
+    lib.tvk_row_bytes.argtypes = [i32, i64]
+    lib.tvk_row_bytes.restype = i64
     lib.tvk_error_string.argtypes = [i32]
     lib.tvk_error_string.restype = ctypes.c_char_p
     lib.tvk_force_path.argtypes = [i32]
@@ -132,7 +126,9 @@ def _check(code: int, fn: str) -> None:
         raise TernvlmError(f"{fn}: {msg} (error {code})")
 
 
-def _matmul(x, packed, k, scale, bias, clip, fmt: str, threads) -> np.ndarray:
+def _matmul(x, packed, k, scale, bias, clip, fmt: str, threads, act: str = "f32") -> np.ndarray:
+    if act not in ACTS:
+        raise TernvlmError(f"unknown activation mode {act!r}; expected one of {', '.join(ACTS)}")
     packed, k, scale, cols = _weights(packed, k, scale, fmt)
     n = packed.shape[0]
     if not isinstance(x, np.ndarray) or x.ndim != 2:
@@ -148,8 +144,9 @@ def _matmul(x, packed, k, scale, bias, clip, fmt: str, threads) -> np.ndarray:
         raise TernvlmError(f"clip must be a positive number or None, got {clip!r}")
     threads = _int("threads", threads)
     y = np.empty((x.shape[0], n), dtype=np.float32)
-    name = _MATMUL[fmt]
-    code = getattr(_library(), name)(
+    code = _library().tvk_matmul(
+        FORMAT_IDS[fmt],
+        ACTS[act],
         x.ctypes.data,
         x.shape[0],
         k,
@@ -162,8 +159,15 @@ def _matmul(x, packed, k, scale, bias, clip, fmt: str, threads) -> np.ndarray:
         y.ctypes.data,
         threads,
     )
-    _check(code, name)
+    _check(code, "tvk_matmul")
     return y
+
+
+def matmul(
+    x, packed, k, scale, fmt: str, act: str = "f32", bias=None, clip=None, threads: int = 1
+) -> np.ndarray:
+    """y [M, N] for any packed format; act="int8" quantizes each row of x first (see tvk.h)."""
+    return _matmul(x, packed, k, scale, bias, clip, _fmt(fmt, tuple(FORMAT_IDS)), threads, act)
 
 
 def ternary_matmul(
@@ -182,11 +186,46 @@ def _unpack(packed, k, scale, fmt: str, threads) -> np.ndarray:
     packed, k, scale, cols = _weights(packed, k, scale, fmt)
     threads = _int("threads", threads)
     out = np.empty((packed.shape[0], k), dtype=np.float32)
-    name = _UNPACK[fmt]
-    code = getattr(_library(), name)(
-        packed.ctypes.data, packed.shape[0], k, scale.ctypes.data, cols, out.ctypes.data, threads
+    code = _library().tvk_unpack(
+        FORMAT_IDS[fmt],
+        packed.ctypes.data,
+        packed.shape[0],
+        k,
+        scale.ctypes.data,
+        cols,
+        out.ctypes.data,
+        threads,
     )
-    _check(code, name)
+    _check(code, "tvk_unpack")
+    return out
+
+
+def unpack(packed, k, scale, fmt: str, threads: int = 1) -> np.ndarray:
+    """Dequantized float32 weights [N, k] of any packed format."""
+    return _unpack(packed, k, scale, _fmt(fmt, tuple(FORMAT_IDS)), threads)
+
+
+def gather(ids, packed, k, scale, fmt: str) -> np.ndarray:
+    """Embedding lookup: float32 [len(ids), k] rows ``ids`` of the dequantized weights."""
+    packed, k, scale, cols = _weights(packed, k, scale, _fmt(fmt, tuple(FORMAT_IDS)))
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1:
+        raise TernvlmError("ids must be a 1-D numpy array of int32")
+    _array("ids", ids, np.int32, ids.shape)
+    out = np.empty((ids.shape[0], k), dtype=np.float32)
+    if ids.shape[0] == 0:
+        return out
+    code = _library().tvk_gather(
+        FORMAT_IDS[fmt],
+        ids.ctypes.data,
+        ids.shape[0],
+        packed.ctypes.data,
+        packed.shape[0],
+        k,
+        scale.ctypes.data,
+        cols,
+        out.ctypes.data,
+    )
+    _check(code, "tvk_gather")
     return out
 
 

@@ -1,0 +1,223 @@
+// AVX2 kernel for int8 activations (bitnet.cpp / llama.cpp style): weights
+// stream once as packed bytes, each 32-byte chunk splits into bit planes with a
+// shift and a mask (no table), and vpmaddubsw multiplies the unsigned plane
+// codes with the matching int8 activations (permuted once per call so plane s
+// lines up with xp, see internal.h). Unsigned codes carry an offset removed
+// per scale group with the precomputed sum of the activations:
+//   2bit : q = c - 1         -> sum q x = sum c x - sum x
+//   1bit : q = 2c - 1        -> 2 sum c x - sum x
+//   int4 : q = c - 8         -> sum c x - 8 sum x
+//   int8 : signed; |w| * sign(x, w) (vpsignb) keeps vpmaddubsw's operands legal.
+// int16 partial sums cannot saturate: per chunk at most 4 planes * 2 * 3 * 127
+// (2bit), 8 * 2 * 127 (1bit), 2 * 2 * 15 * 127 (int4), 2 * 128 * 127 (int8).
+#include "internal.h"
+
+#if TVK_HAVE_AVX2
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace tvk {
+namespace {
+
+template <Format F>
+struct Planes;
+
+template <>
+struct Planes<Format::k2Bit> {
+  static constexpr int kOffsetMul = 1, kScaleMul = 1;
+  // sum over the 4 planes of c * x for one chunk, as int16 pairs.
+  TVK_AVX2 static inline __m256i Dot(__m256i v, const int8_t* x) {
+    const __m256i m = _mm256_set1_epi8(3);
+    const __m256i p0 = _mm256_and_si256(v, m);
+    const __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m);
+    const __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    const __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m);
+    const __m256i a = _mm256_add_epi16(
+        _mm256_maddubs_epi16(p0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+        _mm256_maddubs_epi16(p1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+    const __m256i b = _mm256_add_epi16(
+        _mm256_maddubs_epi16(p2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))),
+        _mm256_maddubs_epi16(p3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96))));
+    return _mm256_add_epi16(a, b);
+  }
+};
+
+template <>
+struct Planes<Format::k1Bit> {
+  static constexpr int kOffsetMul = 1, kScaleMul = 2;
+  TVK_AVX2 static inline __m256i Dot(__m256i v, const int8_t* x) {
+    const __m256i m = _mm256_set1_epi8(1);
+    __m256i acc = _mm256_maddubs_epi16(_mm256_and_si256(v, m),
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+    for (int s = 1; s < 8; ++s) {
+      const __m256i p = _mm256_and_si256(_mm256_srli_epi16(v, s), m);
+      acc = _mm256_add_epi16(
+          acc, _mm256_maddubs_epi16(
+                   p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * s))));
+    }
+    return acc;
+  }
+};
+
+template <>
+struct Planes<Format::kInt4> {
+  static constexpr int kOffsetMul = 8, kScaleMul = 1;
+  TVK_AVX2 static inline __m256i Dot(__m256i v, const int8_t* x) {
+    const __m256i m = _mm256_set1_epi8(15);
+    const __m256i p0 = _mm256_and_si256(v, m);
+    const __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    return _mm256_add_epi16(
+        _mm256_maddubs_epi16(p0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+        _mm256_maddubs_epi16(p1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+  }
+};
+
+template <>
+struct Planes<Format::kInt8> {
+  static constexpr int kOffsetMul = 0, kScaleMul = 1;
+  TVK_AVX2 static inline __m256i Dot(__m256i v, const int8_t* x) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    return _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(xv, v));
+  }
+};
+
+TVK_AVX2 inline int32_t HorizontalSumI32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Chunks whose int16 sums can be added before widening (no saturation).
+template <Format F>
+constexpr int kI16Chunks = F == Format::k2Bit ? 8 : F == Format::k1Bit ? 16 : F == Format::kInt4 ? 4 : 1;
+
+// kSafe: the chunk may end past `wend` (last rows of the buffer); copies the
+// bytes that exist. Kept out of the hot loops: a call there would spill every
+// accumulator register.
+template <bool kSafe>
+TVK_AVX2 inline __m256i LoadChunk(const uint8_t* src, const uint8_t* wend) {
+  if (!kSafe || src + 32 <= wend) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  }
+  alignas(32) uint8_t tmp[32] = {};
+  std::memcpy(tmp, src, static_cast<size_t>(wend - src));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+}
+
+// y[m, n] for MB rows of x (from m0) and R weight rows (from n), which share
+// every activation load and give independent accumulation chains. A row's last
+// chunk may read into the next row (those codes meet zero activations) but
+// never past `wend`, the end of the weight buffer.
+template <Format F, int MB, int R, bool kSafe>
+TVK_AVX2 void DotRowsI8(const MatmulProblem& p, int64_t m0, int64_t n, int64_t nchunks,
+                        int64_t group_chunks, const uint8_t* wend) {
+  using P = Planes<F>;
+  const ActQuant& a = *p.act;
+  const __m256i ones = _mm256_set1_epi16(1);
+  float total[R][MB] = {};
+  int64_t c = 0;
+  for (int64_t g = 0; g < p.scale_cols; ++g) {
+    const int64_t cend = g + 1 == p.scale_cols ? nchunks : c + group_chunks;
+    __m256i acc[R][MB];
+    for (int r = 0; r < R; ++r) {
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_si256();
+    }
+    while (c < cend) {
+      const int64_t cstop = std::min<int64_t>(cend, c + kI16Chunks<F>);
+      __m256i acc16[R][MB];
+      for (int r = 0; r < R; ++r) {
+        for (int m = 0; m < MB; ++m) acc16[r][m] = _mm256_setzero_si256();
+      }
+      for (; c < cstop; ++c) {
+        for (int r = 0; r < R; ++r) {
+          const __m256i v = LoadChunk<kSafe>(p.w + (n + r) * p.row_bytes + 32 * c, wend);
+          for (int m = 0; m < MB; ++m) {
+            const int8_t* x = a.xp + (m0 + m) * a.Kp + c * a.chunk;
+            acc16[r][m] = _mm256_add_epi16(acc16[r][m], P::Dot(v, x));
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int m = 0; m < MB; ++m) {
+          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(acc16[r][m], ones));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = p.scale[(n + r) * p.scale_cols + g];
+      for (int m = 0; m < MB; ++m) {
+        int32_t dot = HorizontalSumI32(acc[r][m]) * P::kScaleMul;
+        if (P::kOffsetMul != 0) dot -= P::kOffsetMul * a.xsum[(m0 + m) * p.scale_cols + g];
+        total[r][m] += s * static_cast<float>(dot);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n + r] = total[r][m] * a.d[m0 + m];
+  }
+}
+
+template <Format F>
+void MatmulI8T(const MatmulProblem& p, int64_t n0, int64_t n1) {
+  using DotFn = void (*)(const MatmulProblem&, int64_t, int64_t, int64_t, int64_t,
+                         const uint8_t*);
+  static constexpr DotFn kDot[2][4] = {
+      {DotRowsI8<F, 1, 1, false>, DotRowsI8<F, 2, 1, false>, DotRowsI8<F, 3, 1, false>,
+       DotRowsI8<F, 4, 1, false>},
+      {DotRowsI8<F, 1, 1, true>, DotRowsI8<F, 2, 1, true>, DotRowsI8<F, 3, 1, true>,
+       DotRowsI8<F, 4, 1, true>}};
+  const ActQuant& a = *p.act;
+  const int64_t nchunks = a.Kp / a.chunk;
+  const int64_t group_chunks = p.scale_cols == 1 ? nchunks : p.group / a.chunk;
+  const uint8_t* wend = p.w + p.N * p.row_bytes;
+  // Rows from `safe_end` on would read past the buffer with whole chunks.
+  const int64_t over = std::max<int64_t>(0, 32 * nchunks - p.row_bytes);
+  const int64_t safe_end =
+      std::max<int64_t>(0, p.N - (over + p.row_bytes - 1) / std::max<int64_t>(p.row_bytes, 1));
+  auto safe = [&](int64_t n) { return n >= safe_end ? 1 : 0; };
+  if (p.M == 1) {  // decode: 4 weight rows at a time share the activation loads
+    int64_t n = n0;
+    for (; n + 4 <= std::min(n1, safe_end); n += 4) {
+      DotRowsI8<F, 1, 4, false>(p, 0, n, nchunks, group_chunks, wend);
+    }
+    for (; n < n1; ++n) kDot[safe(n)][0](p, 0, n, nchunks, group_chunks, wend);
+    return;
+  }
+  // Blocks of weight rows small enough to stay in L1 while every 4 rows of x
+  // pass over them: batch-M calls load each weight byte from memory once.
+  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.row_bytes, 1));
+  for (int64_t nb = n0; nb < n1; nb += block) {
+    const int64_t ne = std::min(n1, nb + block);
+    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+      const int mb = static_cast<int>(std::min<int64_t>(4, p.M - m0));
+      for (int64_t n = nb; n < ne; ++n) {
+        kDot[safe(n)][mb - 1](p, m0, n, nchunks, group_chunks, wend);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1) {
+  switch (p.fmt) {
+    case Format::k2Bit:
+      return MatmulI8T<Format::k2Bit>(p, n0, n1);
+    case Format::k1Bit:
+      return MatmulI8T<Format::k1Bit>(p, n0, n1);
+    case Format::kInt8:
+      return MatmulI8T<Format::kInt8>(p, n0, n1);
+    case Format::kInt4:
+      return MatmulI8T<Format::kInt4>(p, n0, n1);
+    case Format::k1p6Bit:
+      return MatmulI8Scalar(p, n0, n1);  // trits do not split into planes
+  }
+}
+
+}  // namespace tvk
+
+#endif  // TVK_HAVE_AVX2
