@@ -14,21 +14,35 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "custom options are lit
 namespace tvr {
 
 const char* const kOpNames[kNumOps] = {"TernaryMatMul", "TernaryMatMul158", "BinaryMatMul",
-                                       "TernaryUnpack"};
+                                       "TernaryUnpack", "Int8MatMul",       "Int4MatMul",
+                                       "PackedEmbedding"};
 
 namespace {
 
-constexpr int kCodesPerByte[3] = {4, 5, 8};
-constexpr const char* kFormatNames[3] = {"2bit", "1.6bit", "1bit"};
+constexpr int kNumFormats = 5;
+constexpr int kCodesPerByte[kNumFormats] = {4, 5, 8, 1, 2};
+constexpr const char* kFormatNames[kNumFormats] = {"2bit", "1.6bit", "1bit", "int8", "int4"};
 constexpr int64_t kMaxDim = int64_t{1} << 31;  // tvk's limit on every size
 
-using MatMulFn = int (*)(const float*, int64_t, int64_t, const uint8_t*, int64_t, const float*,
-                         int64_t, const float*, float, float*, int);
-using UnpackFn = int (*)(const uint8_t*, int64_t, int64_t, const float*, int64_t, float*, int);
-constexpr MatMulFn kMatMul[3] = {tvk_ternary_matmul_2bit, tvk_ternary_matmul_1p6bit,
-                                 tvk_binary_matmul_1bit};
-constexpr UnpackFn kUnpack[3] = {tvk_ternary_unpack_2bit, tvk_ternary_unpack_1p6bit,
-                                 tvk_binary_unpack_1bit};
+// The weight format a matmul op is bound to; -1 for ops that take any format.
+int MatMulFormat(OpKind kind) {
+  switch (kind) {
+    case kTernaryMatMul: return TVK_FMT_2BIT;
+    case kTernaryMatMul158: return TVK_FMT_1P6BIT;
+    case kBinaryMatMul: return TVK_FMT_1BIT;
+    case kInt8MatMul: return TVK_FMT_INT8;
+    case kInt4MatMul: return TVK_FMT_INT4;
+    default: return -1;
+  }
+}
+
+bool IsMatMul(OpKind kind) { return MatMulFormat(kind) >= 0; }
+
+// Inputs of each op: x, w, scale, bias (matmul); w, scale (unpack); ids, w, scale (embedding).
+size_t NumInputs(OpKind kind) {
+  return IsMatMul(kind) ? 4 : kind == kPackedEmbedding ? 3 : 2;
+}
+size_t WeightIndex(OpKind kind) { return kind == kTernaryUnpack ? 0 : 1; }
 
 int64_t RowBytes(int64_t k, int format) {
   return (k + kCodesPerByte[format] - 1) / kCodesPerByte[format];
@@ -96,7 +110,8 @@ std::string ExpectConstant(const TensorDesc& t, const char* role, size_t bytes) 
 }
 
 bool SameOptions(const OpOptions& a, const OpOptions& b) {
-  return a.format == b.format && a.k == b.k && a.has_bias == b.has_bias && a.clip == b.clip;
+  return a.format == b.format && a.k == b.k && a.has_bias == b.has_bias &&
+         a.act_int8 == b.act_int8 && a.clip == b.clip;
 }
 
 }  // namespace
@@ -118,21 +133,22 @@ std::string ParseOptions(OpKind kind, const void* data, size_t size, OpOptions* 
   std::memcpy(&reserved, b + 28, 4);
   if (std::memcmp(b, "TVK1", 4) != 0) return "custom options do not start with \"TVK1\"";
   if (version != 1) return "custom options version " + std::to_string(version) + ", expected 1";
-  if (format < 0 || format > 2) return "unknown format " + std::to_string(format);
-  if (kind != kTernaryUnpack && format != static_cast<int>(kind)) {
+  if (format < 0 || format >= kNumFormats) return "unknown format " + std::to_string(format);
+  if (IsMatMul(kind) && format != MatMulFormat(kind)) {
     return std::string("format ") + kFormatNames[format] + " does not match the op (" +
-           kFormatNames[static_cast<int>(kind)] + ")";
+           kFormatNames[MatMulFormat(kind)] + ")";
   }
-  if (flags & ~1) return "unknown flags " + std::to_string(flags);
+  if (flags & ~3) return "unknown flags " + std::to_string(flags);
   if (reserved != 0) return "reserved field is " + std::to_string(reserved) + ", expected 0";
   if (k <= 0 || k >= kMaxDim) return "k = " + std::to_string(k) + " is out of range";
   if (std::isnan(clip) || std::isinf(clip)) return "clip is not a finite number";
-  if (kind == kTernaryUnpack && (flags != 0 || clip > 0)) {
-    return "TernaryUnpack takes no bias or clip";
+  if (!IsMatMul(kind) && (flags != 0 || clip > 0)) {
+    return std::string(kOpNames[kind]) + " takes no bias, clip or activation flags";
   }
   out->format = format;
   out->k = k;
   out->has_bias = (flags & 1) != 0;
+  out->act_int8 = (flags & 2) != 0;
   out->clip = clip > 0 ? clip : 0.0f;
   return "";
 }
@@ -140,13 +156,13 @@ std::string ParseOptions(OpKind kind, const void* data, size_t size, OpOptions* 
 std::string ValidateNode(OpKind kind, const OpOptions& opt, const std::vector<TensorDesc>& in,
                          const std::vector<TensorDesc>& out, Node* node) {
   const bool unpack = kind == kTernaryUnpack;
-  const size_t want_in = unpack ? 2 : 4;
+  const size_t want_in = NumInputs(kind);
   if (in.size() != want_in || out.size() != 1) {
     return std::to_string(in.size()) + " inputs and " + std::to_string(out.size()) +
            " outputs, expected " + std::to_string(want_in) + " and 1";
   }
-  const TensorDesc& w = in[unpack ? 0 : 1];
-  const TensorDesc& scale = in[unpack ? 1 : 2];
+  const TensorDesc& w = in[WeightIndex(kind)];
+  const TensorDesc& scale = in[WeightIndex(kind) + 1];
   std::string e;
   if (!(e = Expect(w, "packed weights", kLiteRtElementTypeInt8, 2)).empty()) return e;
   if (!(e = Expect(scale, "scale", kLiteRtElementTypeFloat32, 2)).empty()) return e;
@@ -172,6 +188,17 @@ std::string ValidateNode(OpKind kind, const OpOptions& opt, const std::vector<Te
     if (y.type.layout.dimensions[0] != n || y.type.layout.dimensions[1] != opt.k) {
       return "output '" + y.name + "' has shape " + ShapeString(y.type.layout) + ", expected [" +
              std::to_string(n) + ", " + std::to_string(opt.k) + "]";
+    }
+  } else if (kind == kPackedEmbedding) {
+    const TensorDesc& ids = in[0];
+    if (!(e = Expect(ids, "ids", kLiteRtElementTypeInt32, -1)).empty()) return e;
+    if (!(e = Expect(y, "output", kLiteRtElementTypeFloat32, -1)).empty()) return e;
+    const LiteRtLayout &il = ids.type.layout, &yl = y.type.layout;
+    bool same = yl.rank == il.rank + 1 && yl.dimensions[il.rank] == opt.k;
+    for (unsigned i = 0; same && i < il.rank; ++i) same = yl.dimensions[i] == il.dimensions[i];
+    if (!same) {
+      return "output '" + y.name + "' has shape " + ShapeString(yl) + " for ids " +
+             ShapeString(il) + " and k = " + std::to_string(opt.k);
     }
   } else {
     const TensorDesc& x = in[0];
@@ -232,10 +259,10 @@ std::string OpContext::AddNodes(std::vector<Node> nodes) {
              " share their weights but not their options; the runtime cannot tell them apart";
     }
   }
-  // TernaryUnpack: GetOutputLayouts sees only (N, row bytes, C) and must know K.
+  // TernaryUnpack, PackedEmbedding: GetOutputLayouts sees only (N, row bytes, C), needs K.
   for (const Node& a : nodes_) {
     for (const Node& b : nodes_) {
-      if (a.kind == kTernaryUnpack && b.kind == kTernaryUnpack && a.n == b.n &&
+      if (!IsMatMul(a.kind) && a.kind == b.kind && a.n == b.n &&
           a.row_bytes == b.row_bytes && a.scale_cols == b.scale_cols && a.opt.k != b.opt.k) {
         return a.where + " and " + b.where +
                " have the same weight shapes but different k; the runtime cannot tell them apart";
@@ -262,9 +289,10 @@ const Node* OpContext::Find(OpKind kind, const void* w, const void* scale, int64
   return found;
 }
 
-const Node* OpContext::FindUnpack(int64_t n, int64_t row_bytes, int64_t scale_cols) const {
+const Node* OpContext::FindByShape(OpKind kind, int64_t n, int64_t row_bytes,
+                                   int64_t scale_cols) const {
   for (const Node& node : nodes_) {
-    if (node.kind == kTernaryUnpack && node.n == n && node.row_bytes == row_bytes &&
+    if (node.kind == kind && node.n == n && node.row_bytes == row_bytes &&
         node.scale_cols == scale_cols) {
       return &node;  // AddNodes made (N, row bytes, C) -> k unique
     }
@@ -334,29 +362,40 @@ LiteRtStatus Destroy(void*) { return kLiteRtStatusOk; }
 LiteRtStatus GetOutputLayouts(void* user_data, size_t num_inputs, const LiteRtLayout* in,
                               size_t num_outputs, LiteRtLayout* out) {
   auto* u = static_cast<OpUserData*>(user_data);
-  const bool unpack = u->kind == kTernaryUnpack;
-  if (num_inputs != (unpack ? 2u : 4u) || num_outputs != 1 || in == nullptr || out == nullptr) {
-    return Fail(u->ctx, u->kind, "unexpected number of inputs or outputs");
+  const OpKind kind = u->kind;
+  if (num_inputs != NumInputs(kind) || num_outputs != 1 || in == nullptr || out == nullptr) {
+    return Fail(u->ctx, kind, "unexpected number of inputs or outputs");
   }
-  const LiteRtLayout& w = in[unpack ? 0 : 1];
-  const LiteRtLayout& s = in[unpack ? 1 : 2];
+  const LiteRtLayout& w = in[WeightIndex(kind)];
+  const LiteRtLayout& s = in[WeightIndex(kind) + 1];
   if (w.rank != 2 || s.rank != 2 || s.dimensions[0] != w.dimensions[0] || s.dimensions[1] < 1) {
-    return Fail(u->ctx, u->kind,
+    return Fail(u->ctx, kind,
                 "bad weight or scale shape " + ShapeString(w) + ", " + ShapeString(s));
   }
   LiteRtLayout y{};
-  if (unpack) {
-    const Node* node = u->ctx->FindUnpack(w.dimensions[0], w.dimensions[1], s.dimensions[1]);
-    if (node == nullptr) return Fail(u->ctx, u->kind, "no node with weights " + ShapeString(w));
-    y.rank = 2;
-    y.dimensions[0] = w.dimensions[0];
-    y.dimensions[1] = static_cast<int32_t>(node->opt.k);
+  if (!IsMatMul(kind)) {
+    const Node* node = u->ctx->FindByShape(kind, w.dimensions[0], w.dimensions[1], s.dimensions[1]);
+    if (node == nullptr) return Fail(u->ctx, kind, "no node with weights " + ShapeString(w));
+    if (kind == kTernaryUnpack) {
+      y.rank = 2;
+      y.dimensions[0] = w.dimensions[0];
+      y.dimensions[1] = static_cast<int32_t>(node->opt.k);
+    } else {
+      const LiteRtLayout& ids = in[0];
+      if (ids.rank + 1 > sizeof(y.dimensions) / sizeof(y.dimensions[0])) {
+        return Fail(u->ctx, kind, "ids " + ShapeString(ids) + " have too many dimensions");
+      }
+      y = ids;
+      y.has_strides = 0;
+      y.rank = ids.rank + 1;
+      y.dimensions[ids.rank] = static_cast<int32_t>(node->opt.k);
+    }
   } else {
     const LiteRtLayout& x = in[0];
     const int64_t k = x.rank >= 1 ? x.dimensions[x.rank - 1] : 0;
-    if (x.rank < 1 || k < 1 || RowBytes(k, u->kind) != w.dimensions[1] ||
+    if (x.rank < 1 || k < 1 || RowBytes(k, MatMulFormat(kind)) != w.dimensions[1] ||
         k % s.dimensions[1] != 0) {
-      return Fail(u->ctx, u->kind,
+      return Fail(u->ctx, kind,
                   "input " + ShapeString(x) + " does not match weights " + ShapeString(w) +
                       " and scale " + ShapeString(s));
     }
@@ -368,80 +407,109 @@ LiteRtStatus GetOutputLayouts(void* user_data, size_t num_inputs, const LiteRtLa
   return kLiteRtStatusOk;
 }
 
+// Product of the leading `rank` dimensions of `l` (-1 if one is negative or it is too large).
+int64_t Rows(const LiteRtLayout& l, unsigned rank) {
+  int64_t m = 1;
+  for (unsigned i = 0; i < rank; ++i) {
+    if (l.dimensions[i] < 0) return -1;
+    m *= l.dimensions[i];
+    if (m >= kMaxDim) return -1;
+  }
+  return m;
+}
+
 LiteRtStatus Run(void* user_data, size_t num_inputs, const LiteRtTensorBuffer* inputs,
                  size_t num_outputs, LiteRtTensorBuffer* outputs) {
   auto* u = static_cast<OpUserData*>(user_data);
   OpContext* ctx = u->ctx;
-  const bool unpack = u->kind == kTernaryUnpack;
-  if (num_inputs != (unpack ? 2u : 4u) || num_outputs != 1 || inputs == nullptr ||
+  const OpKind kind = u->kind;
+  const bool unpack = kind == kTernaryUnpack, embed = kind == kPackedEmbedding;
+  if (num_inputs != NumInputs(kind) || num_outputs != 1 || inputs == nullptr ||
       outputs == nullptr) {
-    return Fail(ctx, u->kind, "unexpected number of inputs or outputs");
+    return Fail(ctx, kind, "unexpected number of inputs or outputs");
   }
   Operand x{}, w{}, s{}, b{}, y{};
   const LiteRtApi& api = ctx->api();
-  bool ok = GetOperand(api, inputs[unpack ? 0 : 1], &w) &&
-            GetOperand(api, inputs[unpack ? 1 : 2], &s) && GetOperand(api, outputs[0], &y);
-  if (ok && !unpack) ok = GetOperand(api, inputs[0], &x) && GetOperand(api, inputs[3], &b);
-  if (!ok) return Fail(ctx, u->kind, "an operand is not a readable host-memory buffer");
+  bool ok = GetOperand(api, inputs[WeightIndex(kind)], &w) &&
+            GetOperand(api, inputs[WeightIndex(kind) + 1], &s) && GetOperand(api, outputs[0], &y);
+  if (ok && !unpack) ok = GetOperand(api, inputs[0], &x);  // x, or the ids
+  if (ok && IsMatMul(kind)) ok = GetOperand(api, inputs[3], &b);
+  if (!ok) return Fail(ctx, kind, "an operand is not a readable host-memory buffer");
 
   const LiteRtLayout &wl = w.type.layout, &sl = s.type.layout, &yl = y.type.layout;
   if (wl.rank != 2 || sl.rank != 2 || !IsPackedType(w.type.element_type) ||
       s.type.element_type != kLiteRtElementTypeFloat32 ||
       y.type.element_type != kLiteRtElementTypeFloat32) {
-    return Fail(ctx, u->kind, "unexpected weight, scale or output type");
+    return Fail(ctx, kind, "unexpected weight, scale or output type");
   }
   const int64_t n = wl.dimensions[0], rb = wl.dimensions[1], cols = sl.dimensions[1];
   int64_t m = 1, k = 0;
+  const LiteRtLayout& xl = x.type.layout;
   if (unpack) {
     if (yl.rank != 2 || yl.dimensions[0] != n) {
-      return Fail(ctx, u->kind, "output shape " + ShapeString(yl));
+      return Fail(ctx, kind, "output shape " + ShapeString(yl));
     }
     k = yl.dimensions[1];
+  } else if (embed) {
+    if (x.type.element_type != kLiteRtElementTypeInt32 || yl.rank != xl.rank + 1) {
+      return Fail(ctx, kind, "ids " + ShapeString(xl) + " and output " + ShapeString(yl));
+    }
+    for (unsigned i = 0; i < xl.rank; ++i) {
+      if (xl.dimensions[i] != yl.dimensions[i]) {
+        return Fail(ctx, kind, "ids " + ShapeString(xl) + " vs output " + ShapeString(yl));
+      }
+    }
+    k = yl.dimensions[xl.rank];
+    m = Rows(xl, xl.rank);
   } else {
-    const LiteRtLayout& xl = x.type.layout;
     if (x.type.element_type != kLiteRtElementTypeFloat32 || xl.rank < 1 ||
         yl.rank != xl.rank || yl.dimensions[yl.rank - 1] != n) {
-      return Fail(ctx, u->kind, "input " + ShapeString(xl) + " and output " + ShapeString(yl) +
-                                    " do not fit weights " + ShapeString(wl));
+      return Fail(ctx, kind, "input " + ShapeString(xl) + " and output " + ShapeString(yl) +
+                                 " do not fit weights " + ShapeString(wl));
     }
     k = xl.dimensions[xl.rank - 1];
     for (unsigned i = 0; i + 1 < xl.rank; ++i) {
-      if (xl.dimensions[i] < 0 || xl.dimensions[i] != yl.dimensions[i]) {
-        return Fail(ctx, u->kind, "input " + ShapeString(xl) + " vs output " + ShapeString(yl));
+      if (xl.dimensions[i] != yl.dimensions[i]) {
+        return Fail(ctx, kind, "input " + ShapeString(xl) + " vs output " + ShapeString(yl));
       }
-      m *= xl.dimensions[i];
-      if (m >= kMaxDim) return Fail(ctx, u->kind, "input " + ShapeString(xl) + " is too large");
     }
+    m = Rows(xl, xl.rank - 1);
   }
-  const Node* node = ctx->Find(u->kind, w.data, s.data, n, rb, cols, k);
+  if (m < 0) return Fail(ctx, kind, "input " + ShapeString(xl) + " is too large");
+  const Node* node = ctx->Find(kind, w.data, s.data, n, rb, cols, k);
   if (node == nullptr) {
-    return Fail(ctx, u->kind, "cannot tell which node runs (weights " + ShapeString(wl) + ")");
+    return Fail(ctx, kind, "cannot tell which node runs (weights " + ShapeString(wl) + ")");
   }
   const OpOptions& opt = node->opt;
   if (k != opt.k || rb != node->row_bytes || cols != node->scale_cols || n != node->n) {
-    return Fail(ctx, u->kind, node->where + ": operands do not match the node's options");
+    return Fail(ctx, kind, node->where + ": operands do not match the node's options");
   }
   // Sizes of what the kernels read and write (every size < 2^31: products fit int64).
+  const size_t out_elems = static_cast<size_t>(unpack ? n * k : embed ? m * k : m * n);
+  const size_t in_bytes = static_cast<size_t>(unpack ? 0 : embed ? m * 4 : m * k * 4);
   const bool sizes_ok = w.size >= static_cast<size_t>(n * rb) &&
                         s.size >= static_cast<size_t>(n * cols) * 4 &&
-                        y.size >= static_cast<size_t>((unpack ? n * k : m * n)) * 4 &&
-                        (unpack || x.size >= static_cast<size_t>(m * k) * 4) &&
-                        (unpack || !opt.has_bias || b.size >= static_cast<size_t>(n) * 4);
-  if (!sizes_ok) return Fail(ctx, u->kind, node->where + ": a buffer is smaller than its shape");
+                        y.size >= out_elems * 4 && x.size >= in_bytes &&
+                        (!IsMatMul(kind) || !opt.has_bias || b.size >= static_cast<size_t>(n) * 4);
+  if (!sizes_ok) return Fail(ctx, kind, node->where + ": a buffer is smaller than its shape");
   if (m == 0) return kLiteRtStatusOk;
 
   int code;
   const auto* wp = static_cast<const uint8_t*>(w.data);
   const auto* sp = static_cast<const float*>(s.data);
+  auto* yp = static_cast<float*>(y.data);
   if (unpack) {
-    code = kUnpack[opt.format](wp, n, k, sp, cols, static_cast<float*>(y.data), ctx->threads());
+    code = tvk_unpack(opt.format, wp, n, k, sp, cols, yp, ctx->threads());
+  } else if (embed) {
+    code = tvk_gather(opt.format, static_cast<const int32_t*>(x.data), m, wp, n, k, sp, cols, yp);
   } else {
     const float* bp = opt.has_bias ? static_cast<const float*>(b.data) : nullptr;
-    code = kMatMul[opt.format](static_cast<const float*>(x.data), m, k, wp, n, sp, cols, bp,
-                               opt.clip, static_cast<float*>(y.data), ctx->threads());
+    code = tvk_matmul(opt.format, opt.act_int8 ? TVK_ACT_INT8 : TVK_ACT_F32,
+                      static_cast<const float*>(x.data), m, k, wp, n, sp, cols, bp, opt.clip, yp,
+                      ctx->threads());
   }
   if (code != TVK_OK) {
-    return Fail(ctx, u->kind,
+    return Fail(ctx, kind,
                 node->where + ": " + tvk_error_string(code) + " (tvk error " +
                     std::to_string(code) + ")");
   }

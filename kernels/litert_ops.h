@@ -3,15 +3,21 @@
 //   TernaryMatMul     (x f32 [..., K], w int8 [N, ceil(K/4)], scale f32 [N, C], bias f32 [N])
 //   TernaryMatMul158  (same, w [N, ceil(K/5)], 5 trits per byte)
 //   BinaryMatMul      (same, w [N, ceil(K/8)], 1 bit per weight)
+//   Int8MatMul        (same, w [N, K], one signed byte per weight: LM heads)
+//   Int4MatMul        (same, w [N, ceil(K/2)], two nibbles per byte: LM heads)
 //       -> y f32 [..., N] = x . dequant(w)^T (+ bias) (clamped)
 //   TernaryUnpack     (w int8 [N, row bytes], scale f32 [N, C]) -> f32 [N, K] dequantized
+//                     (any format)
+//   PackedEmbedding   (ids int32 [...], w int8 [V, row bytes], scale f32 [V, C])
+//                     -> f32 [..., K]: rows ids of dequant(w) (any format)
 //
 // w holds the packed bytes of kernels/tvk.h (declared int8 because the converter
 // refuses uint8 constants; the bits are the same). C divides K. Custom options
 // are 32 little-endian bytes (not flexbuffers):
-//   char magic[4] = "TVK1"; int32 version = 1; int32 format (0 = 2bit,
-//   1 = 1.6bit, 2 = 1bit); int32 flags (bit 0: has_bias); int64 k;
-//   float clip (<= 0: none); int32 reserved = 0.
+//   char magic[4] = "TVK1"; int32 version = 1; int32 format (TVK_FMT_*: 0 = 2bit,
+//   1 = 1.6bit, 2 = 1bit, 3 = int8, 4 = int4); int32 flags (bit 0: has_bias,
+//   bit 1: int8 activations, matmuls only); int64 k; float clip (<= 0: none);
+//   int32 reserved = 0.
 //
 // How the runtime calls us (litert/runtime/custom_op_dispatcher.cc): one
 // user_data per registered op name, shared by every node of that op in every
@@ -37,15 +43,25 @@
 
 namespace tvr {
 
-enum OpKind : int { kTernaryMatMul, kTernaryMatMul158, kBinaryMatMul, kTernaryUnpack, kNumOps };
+enum OpKind : int {
+  kTernaryMatMul,
+  kTernaryMatMul158,
+  kBinaryMatMul,
+  kTernaryUnpack,
+  kInt8MatMul,
+  kInt4MatMul,
+  kPackedEmbedding,
+  kNumOps
+};
 extern const char* const kOpNames[kNumOps];
 
 constexpr size_t kOptionsSize = 32;
 
 struct OpOptions {
-  int format = 0;  // 0 2bit, 1 1.6bit, 2 1bit
+  int format = 0;  // TVK_FMT_*: 0 2bit, 1 1.6bit, 2 1bit, 3 int8, 4 int4
   int64_t k = 0;
   bool has_bias = false;
+  bool act_int8 = false;  // quantize activations per row to int8 (tvk.h TVK_ACT_INT8)
   float clip = 0.0f;  // <= 0: none
 };
 
@@ -102,8 +118,9 @@ class OpContext {
   int threads() const { return threads_; }
   const Node* Find(OpKind kind, const void* w, const void* scale, int64_t n, int64_t row_bytes,
                    int64_t scale_cols, int64_t k) const;
-  // TernaryUnpack's K from its input shapes (GetOutputLayouts sees nothing else).
-  const Node* FindUnpack(int64_t n, int64_t row_bytes, int64_t scale_cols) const;
+  // TernaryUnpack's / PackedEmbedding's node from its weight shapes (GetOutputLayouts
+  // sees nothing else and must know K).
+  const Node* FindByShape(OpKind kind, int64_t n, int64_t row_bytes, int64_t scale_cols) const;
 
  private:
   struct Key {

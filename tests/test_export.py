@@ -94,9 +94,38 @@ def test_graphs_equal_model(tokenizer, variant, decoder):
     pixels = torch.randn(1, 3, 32, 32)
     nxt = [17, 23, 11, 25]
     want = reference(model, ids, pixels, nxt)
-    got = run_graphs(export_copy(model, variant), ids, pixels, nxt, 40, 64)
+    got = run_graphs(export_copy(model, variant, "f32", "fp32"), ids, pixels, nxt, 40, 64)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("variant", "head"),
+    [("ternary", "int8"), ("ternary", "int4"), ("binary", "int8"), ("fp32", "int4")],
+)
+@pytest.mark.parametrize("tie", [True, False])
+@torch.no_grad()
+def test_int8_activations_and_packed_heads(tokenizer, variant, head, tie):
+    """Graphs == the export copy's own forward; the copy stays close to the model."""
+    from ternvlm.models.processor import Processor
+    from ternvlm.models.vlm import VLM
+
+    torch.manual_seed(2)
+    cfg = tiny_config(tokenizer.get_vocab_size(), tie_embeddings=tie)
+    model = quantized(VLM(cfg), "binary" if variant == "binary" else "seed")
+    proc = Processor(cfg, tokenizer)
+    ids, pixels, nxt = _prompt(proc), torch.randn(1, 3, 32, 32), [17, 23, 11]
+    m = export_copy(model, variant, "int8", head)
+    emb, lm = m.decoder.embed_tokens, m.decoder.lm_head
+    assert (emb.w is lm.w) == tie and emb.fmt == head
+    exact = reference(m, ids, pixels, nxt)
+    got = run_graphs(m, ids, pixels, nxt, 40, 64)
+    for g, w in zip(got, exact, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+    want = reference(model, ids, pixels, nxt)
+    for g, w in zip(got[1:], want[1:], strict=True):  # logits: quantization error only
+        rel = (g - w).norm() / w.norm()
+        assert rel < (0.2 if head == "int4" else 0.05), rel
 
 
 @torch.no_grad()
@@ -117,7 +146,7 @@ def test_binary_variant_and_bad_variants(tiny, tokenizer):
     ids, pixels = _prompt(proc), torch.randn(1, 3, 32, 32)
     want = reference(b, ids, pixels, [4, 9])
     for variant in ("binary", "ternary", "unpack"):  # {-1, +1} fits every format
-        got = run_graphs(export_copy(b, variant), ids, pixels, [4, 9], 40, 64)
+        got = run_graphs(export_copy(b, variant, "f32", "fp32"), ids, pixels, [4, 9], 40, 64)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
 
@@ -171,41 +200,65 @@ def exported(tmp_path_factory, tokenizer):
     binary = quantized(VLM(tiny_config(tokenizer.get_vocab_size())), "binary")
     save_checkpoint(root / "ckpt_binary", binary, tokenizer)
     files = {}
-    for variant in ("fp32", "ternary-builtin", "ternary", "ternary158", "unpack", "binary"):
-        files[variant] = root / f"{variant}.tflite"
+    for name, (variant, act, head) in EXPORTS.items():
+        files[name] = root / f"{name}.tflite"
         src = root / ("ckpt_binary" if variant == "binary" else "ckpt")
-        export(src, files[variant], ExportConfig(ops=variant, prefill_len=40))
+        export(src, files[name], ExportConfig(variant, 40, 0, act, head))
     return root / "ckpt", files
+
+
+# file name -> (--ops, --act, --head)
+EXPORTS = {
+    "fp32": ("fp32", "int8", "auto"),
+    "ternary-builtin": ("ternary-builtin", "int8", "auto"),
+    "ternary": ("ternary", "int8", "auto"),
+    "ternary-f32": ("ternary", "f32", "fp32"),
+    "ternary158": ("ternary158", "int8", "int4"),
+    "unpack": ("unpack", "int8", "auto"),
+    "binary": ("binary", "f32", "int8"),
+    "fp32-int4": ("fp32", "int8", "int4"),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("variant", "backend"),
+    ("name", "backend"),
     [
         ("fp32", "interpreter"),
         ("ternary-builtin", "interpreter"),
         ("fp32", "litert"),
         ("ternary", "litert"),
+        ("ternary-f32", "litert"),
         ("ternary158", "litert"),
         ("unpack", "litert"),
         ("binary", "litert"),
+        ("fp32-int4", "litert"),
     ],
 )
-def test_tflite_matches_pytorch(exported, variant, backend):
+def test_tflite_matches_pytorch(exported, name, backend):
+    """LiteRT == the PyTorch export copy (same act / head settings), generations equal."""
     from ternvlm.data import shapes
     from ternvlm.export.align import check_aligned
     from ternvlm.models.checkpoint import load_checkpoint
     from ternvlm.runtime.vlm import TfliteVLM
 
     ckpt, files = exported
+    variant, act, head = EXPORTS[name]
     if variant == "binary":
         ckpt = ckpt.with_name("ckpt_binary")
     model, proc = load_checkpoint(ckpt)
-    data = files[variant].read_bytes()
+    model = export_copy(model, variant, act, head)
+    data = files[name].read_bytes()
     assert check_aligned(data) == []
-    tv = TfliteVLM(files[variant], backend=backend, threads=2 if variant == "ternary" else 1)
+    tv = TfliteVLM(files[name], backend=backend, threads=2 if variant == "ternary" else 1)
     assert tv.cfg.to_dict() == model.cfg.to_dict() and tv.prefill_len == 40
     assert tv.export_info["ops"] == variant
+    parts = tv.export_info["parts"]
+    assert set(parts) == {"vision", "connector", "layers", "embedding", "head"}
+    want_head = {"auto": "fp32" if variant in ("fp32", "ternary-builtin") else "int8"}.get(
+        head, head
+    )
+    assert parts["embedding"] == want_head and parts["head"].startswith(want_head)
     images = [shapes.render(shapes.scene_for("test", i), 32) for i in range(3)]
     with torch.no_grad():
         for img, q in zip(

@@ -9,6 +9,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 from .errors import TernvlmError
 
@@ -194,7 +195,7 @@ def load_model(name: str, threads: int, backend: str):
 
 
 def _add_export(sub) -> None:
-    from .export.linear import VARIANTS
+    from .export.linear import ACTS, HEADS, VARIANTS
 
     p = sub.add_parser("export", help="write a model as one .tflite for LiteRT")
     p.add_argument("model", help="'default' or a checkpoint folder (ternary/binary or float)")
@@ -202,12 +203,21 @@ def _add_export(sub) -> None:
     p.add_argument("--ops", default="ternary", choices=list(VARIANTS))
     p.add_argument("--prefill-len", type=int, default=0, help="prompt slots (0: the context)")
     p.add_argument("--cache-len", type=int, default=0, help="KV cache slots (0: the context)")
+    p.add_argument(
+        "--act", default="int8", choices=list(ACTS), help="activations of the packed matmuls"
+    )
+    p.add_argument(
+        "--head",
+        default="auto",
+        choices=list(HEADS),
+        help="token embedding / LM head storage (auto: int8 beside packed layers)",
+    )
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .export.exporter import ExportConfig, export
 
-    info = export(a.model, a.out, ExportConfig(a.ops, a.prefill_len, a.cache_len))
+    info = export(a.model, a.out, ExportConfig(a.ops, a.prefill_len, a.cache_len, a.act, a.head))
     print(json.dumps(info, indent=2))
     return 0
 
@@ -318,6 +328,70 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _add_bench(sub) -> None:
+    from .bench.run import VARIANTS
+
+    p = sub.add_parser(
+        "bench",
+        help="memory, time to first token, decode speed, perplexity of every variant, one run",
+    )
+    p.add_argument("model", nargs="?", default="default", help="trained float checkpoint")
+    p.add_argument("--preset", default=None, help="smolvlm-256m | smolvlm-500m: random weights")
+    p.add_argument("--ternary", default=None, help="trained ternary checkpoint (else k-means PTQ)")
+    p.add_argument("--binary", default=None, help="trained binary checkpoint (else k-means PTQ)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    p.add_argument("--threads", type=_ints, default=(1, 2), help="e.g. 1,2")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--gen", type=int, default=32, help="generated tokens per round")
+    p.add_argument("--text-tokens", type=int, default=16, help="prompt text after the image")
+    p.add_argument("--head", default="int8", choices=["fp32", "int8", "int4"])
+    p.add_argument("--act", default="int8", choices=["int8", "f32"])
+    p.add_argument("--peer", default=None, choices=["llama.cpp"])
+    p.add_argument("--eval-scenes", type=int, default=128, help="0: no perplexity / QA")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny preset, 1 round, 4 tokens: checks the pipeline"
+    )
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench.report import write_report
+    from .bench.run import BenchConfig, run_bench
+
+    c = BenchConfig(
+        model=a.model,
+        preset=a.preset,
+        ternary=a.ternary,
+        binary=a.binary,
+        variants=tuple(v for v in a.variants.split(",") if v),
+        threads=a.threads,
+        repeats=a.repeats,
+        text_tokens=a.text_tokens,
+        gen_tokens=a.gen,
+        head=a.head,
+        act=a.act,
+        peer=a.peer,
+        eval_scenes=a.eval_scenes,
+        out=a.out,
+    )
+    if a.quick:
+        c.preset, c.repeats, c.gen_tokens, c.text_tokens = "tiny", 1, 4, 4
+    result = run_bench(c, command="ternvlm " + shlex.join(sys.argv[1:]))
+    paths = write_report(result, Path(a.out))
+    print(paths["md"].read_text())
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ternvlm", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -328,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_bench(sub)
     return ap
 
 
@@ -339,6 +414,7 @@ COMMANDS = {
     "export": cmd_export,
     "eval": cmd_eval,
     "generate": cmd_generate,
+    "bench": cmd_bench,
 }
 
 

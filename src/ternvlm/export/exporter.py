@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TernvlmError
-from .linear import VARIANTS, export_copy
+from .linear import ACTS, HEADS, VARIANTS, describe_parts, export_copy
 
 META_CONFIG = "ternvlm_config"
 META_TOKENIZER = "ternvlm_tokenizer"
@@ -33,10 +33,16 @@ class ExportConfig:
     ops: str = "ternary"
     prefill_len: int = 0  # 0: the model's context length
     cache_len: int = 0  # 0: the model's context length
+    act: str = "int8"  # activations of our packed matmuls: "int8" (per row) or "f32"
+    head: str = "auto"  # token embedding / LM head: "fp32", "int8", "int4" ("auto": linear.py)
 
     def validate(self, max_seq_len: int) -> ExportConfig:
         if self.ops not in VARIANTS:
             raise TernvlmError(f"unknown --ops {self.ops!r}; choose from {', '.join(VARIANTS)}")
+        if self.act not in ACTS:
+            raise TernvlmError(f"unknown --act {self.act!r}; choose from {', '.join(ACTS)}")
+        if self.head not in HEADS:
+            raise TernvlmError(f"unknown --head {self.head!r}; choose from {', '.join(HEADS)}")
         for name in ("prefill_len", "cache_len"):
             v = getattr(self, name)
             if not 0 <= v <= max_seq_len:
@@ -64,7 +70,7 @@ def convert(model, cfg: ExportConfig) -> bytes:
     d = model.cfg.decoder
     prefill_len = cfg.prefill_len or d.max_seq_len
     cache_len = cfg.cache_len or d.max_seq_len
-    m = export_copy(model, cfg.ops)
+    m = export_copy(model, cfg.ops, cfg.act, cfg.head)
     samples = graphs.sample_inputs(m, prefill_len, cache_len)
     kv_names = [f"{kind}_{i}" for i in range(d.layers) for kind in ("k", "v")]
     conv = litert_torch.signature(
@@ -151,6 +157,7 @@ def export(model_path: str | Path, out: str | Path, cfg: ExportConfig) -> dict:
         "prefill_len": cfg.prefill_len or d.max_seq_len,
         "cache_len": cfg.cache_len or d.max_seq_len,
         "source": str(model_path),
+        "parts": describe_parts(model, cfg.ops, cfg.act, cfg.head),
         "export": asdict(cfg),
     }
     config = {"model": model.cfg.to_dict(), "export": info}

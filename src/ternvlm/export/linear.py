@@ -5,6 +5,9 @@
 - ``builtin``: 2-bit bytes decoded by builtin arithmetic (floor-div / floor-mod) then
   FULLY_CONNECTED, so the file runs on a stock LiteRT (the seed's q2-tf);
 - ``float``: the dequantized weights as an ordinary Linear (fp32 / int8 baselines).
+
+Packed layers take float activations or quantize them per row to int8 first (``act``), and the
+token embedding / LM head can be stored packed in int8 or int4 (``head``) in every variant.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from ..errors import TernvlmError
 from ..quant.api import quant_layers
+from ..quant.intq import quantize_rows
 from ..quant.linear import QuantLinear, expand
 from ..quant.pack import pack
 from . import ops
@@ -32,13 +36,34 @@ VARIANTS = {
     "fp32": ("float", None),
     "int8": ("float", None),
 }
+ACTS = ("int8", "f32")
+HEADS = ("auto", "fp32", "int8", "int4")
+_BITS = {"2bit": "ternary 2-bit", "1.6bit": "ternary 1.6-bit", "1bit": "binary 1-bit"}
+
+
+def resolve_head(variant: str, head: str) -> str:
+    """``auto``: int8 beside our custom ops; fp32 (left to the quantizer for int8) for float
+    variants and for ternary-builtin, whose point is to run on a stock LiteRT."""
+    if head not in HEADS:
+        raise TernvlmError(f"unknown --head {head!r}; choose from {', '.join(HEADS)}")
+    if head != "auto":
+        return head
+    return "fp32" if VARIANTS[variant][0] in ("float", "builtin") else "int8"
+
+
+def resolve_act(variant: str, act: str) -> str:
+    """1.6-bit weights keep float activations: their int8 path has no SIMD kernel (slower)."""
+    if act not in ACTS:
+        raise TernvlmError(f"unknown --act {act!r}; choose from {', '.join(ACTS)}")
+    return "f32" if VARIANTS[variant][1] == "1.6bit" else act
 
 
 class PackedLinear(nn.Module):
     """y = x (codes * scale)^T (+ bias) (clamped), codes packed in ``fmt``."""
 
-    def __init__(self, q: QuantLinear, mode: str, fmt: str) -> None:
+    def __init__(self, q: QuantLinear, mode: str, fmt: str, act_int8: bool = False) -> None:
         super().__init__()
+        self.act_int8 = act_int8 and mode == "custom"
         codes = q.codes()
         scale = q.effective_scale(codes.float()).detach().float()
         n, k = codes.shape
@@ -77,7 +102,15 @@ class PackedLinear(nn.Module):
         if self.mode == "custom":
             fid = ops.fmt_id(self.fmt)
             return ops.packed_matmul(
-                x, self.w, self.scale, self.bias, fid, self.k, self.has_bias, self.clip
+                x,
+                self.w,
+                self.scale,
+                self.bias,
+                fid,
+                self.k,
+                self.has_bias,
+                self.clip,
+                self.act_int8,
             )
         if self.mode == "unpack":
             w = ops.packed_unpack(self.w, self.scale, ops.fmt_id(self.fmt), self.k)
@@ -104,10 +137,95 @@ class FloatLinear(nn.Module):
         return y.clamp(-self.clip, self.clip) if self.clip > 0 else y
 
 
-def export_copy(model: nn.Module, variant: str) -> nn.Module:
-    """A deep copy of ``model`` with every QuantLinear replaced for ``variant``."""
+class PackedTable(nn.Module):
+    """A vocab x hidden table in int8 / int4: looked up as the embedding, multiplied as the head.
+
+    A tied model registers the same two buffers in both places, so the file stores them once.
+    """
+
+    def __init__(
+        self,
+        w: torch.Tensor,
+        scale: torch.Tensor,
+        fmt: str,
+        k: int,
+        role: str,
+        bias: torch.Tensor | None = None,
+        act_int8: bool = False,
+    ) -> None:
+        super().__init__()
+        self.fmt, self.k, self.role, self.act_int8 = fmt, k, role, act_int8
+        self.register_buffer("w", w)
+        self.register_buffer("scale", scale)
+        self.has_bias = bias is not None
+        self.register_buffer("bias", bias if bias is not None else torch.zeros(w.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fid = ops.fmt_id(self.fmt)
+        if self.role == "embedding":
+            return ops.packed_embedding(x.to(torch.int32), self.w, self.scale, fid, self.k)
+        return ops.packed_matmul(
+            x, self.w, self.scale, self.bias, fid, self.k, self.has_bias, 0.0, self.act_int8
+        )
+
+
+def _pack_table(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scale = quantize_rows(weight, fmt)
+    packed = pack(codes.numpy(), fmt).view(np.int8)
+    return torch.from_numpy(packed.copy()), scale
+
+
+def _replace_head(m: nn.Module, fmt: str, act_int8: bool) -> None:
+    """Token embedding and LM head of ``m.decoder`` as PackedTable modules."""
+    dec = m.decoder
+    emb, head = dec.embed_tokens, dec.lm_head
+    k = emb.weight.shape[1]
+    w, scale = _pack_table(emb.weight, fmt)
+    new_emb = PackedTable(w, scale, fmt, k, "embedding")
+    if head.weight is not emb.weight:
+        w, scale = _pack_table(head.weight, fmt)
+    bias = head.bias.detach().float().clone() if head.bias is not None else None
+    new_head = PackedTable(w, scale, fmt, k, "head", bias, act_int8)
+    dec.embed_tokens, dec.lm_head = new_emb, new_head
+
+
+def describe_parts(model: nn.Module, variant: str, act: str = "int8", head: str = "auto") -> dict:
+    """Precision of each part of the file: vision, connector, layers (decoder blocks),
+    embedding and head, e.g. {"layers": "ternary 2-bit, int8 act", "head": "int8 (tied)"}."""
+    mode, fmt = VARIANTS[variant]
+    head, layer_act = resolve_head(variant, head), resolve_act(variant, act)
+    quantized = {name.split(".", 1)[0] for name in quant_layers(model)}
+    if mode == "float":
+        layer = "int8 dynamic-range" if variant == "int8" else "fp32"
+    else:
+        layer = _BITS[fmt] + {"custom": "", "unpack": " (unpack)", "builtin": " (builtin)"}[mode]
+        if mode == "custom":
+            layer += ", int8 act" if layer_act == "int8" else ", f32 act"
+    names = {"vision": "vision", "connector": "connector", "decoder": "layers"}
+    parts = {k: (layer if p in quantized else "fp32") for p, k in names.items()}
+    if variant == "int8":
+        parts = dict.fromkeys(parts, "int8 dynamic-range")
+    tied = model.decoder.lm_head.weight is model.decoder.embed_tokens.weight
+    if head == "fp32":
+        parts["embedding"] = "fp32"
+        lm = "int8 dynamic-range" if variant == "int8" else "fp32"
+    else:
+        parts["embedding"] = head
+        lm = head + (", int8 act" if act == "int8" else ", f32 act")
+    parts["head"] = lm + (" (tied)" if tied else "")
+    return parts
+
+
+def export_copy(model: nn.Module, variant: str, act: str = "int8", head: str = "auto") -> nn.Module:
+    """A deep copy of ``model`` with every QuantLinear replaced for ``variant``.
+
+    ``act``: activations of the packed matmuls ("int8": quantized per row, "f32"); ``head``:
+    storage of the token embedding and LM head ("fp32", "int8", "int4"; "auto": see
+    resolve_head).
+    """
     if variant not in VARIANTS:
         raise TernvlmError(f"unknown --ops {variant!r}; choose from {', '.join(VARIANTS)}")
+    head, layer_act = resolve_head(variant, head), resolve_act(variant, act)
     mode, fmt = VARIANTS[variant]
     layers = quant_layers(model)
     if mode != "float" and not layers:
@@ -116,10 +234,13 @@ def export_copy(model: nn.Module, variant: str) -> nn.Module:
             "use --ops fp32 or int8 for a float model"
         )
     m = copy.deepcopy(model).eval()
+    act_int8 = layer_act == "int8"
     for name, q in quant_layers(m).items():
-        new = FloatLinear(q) if mode == "float" else PackedLinear(q, mode, fmt)
+        new = FloatLinear(q) if mode == "float" else PackedLinear(q, mode, fmt, act_int8)
         parent, _, leaf = name.rpartition(".")
         setattr(m.get_submodule(parent) if parent else m, leaf, new)
+    if head != "fp32":
+        _replace_head(m, head, act == "int8")
     for p in m.parameters():
         p.requires_grad_(False)
     return m

@@ -23,36 +23,70 @@ OP_FORMATS = {
     "2bit": (0, "TernaryMatMul"),
     "1.6bit": (1, "TernaryMatMul158"),
     "1bit": (2, "BinaryMatMul"),
+    "int8": (3, "Int8MatMul"),
+    "int4": (4, "Int4MatMul"),
 }
 UNPACK_CODE = "TernaryUnpack"
+EMBEDDING_CODE = "PackedEmbedding"
 _FMT_BY_ID = {v[0]: k for k, v in OP_FORMATS.items()}
 
 
 @dataclass(frozen=True)
 class OpOptions:
-    """The custom options record: magic, version, format, flags, k, clip (little-endian)."""
+    """The custom options record: magic, version, format, flags, k, clip (little-endian).
+
+    flags: bit 0 has_bias, bit 1 int8 activations (kernels/tvk.h TVK_ACT_INT8).
+    """
 
     fmt: str
     k: int
     has_bias: bool = False
     clip: float = 0.0  # <= 0: none
+    act_int8: bool = False
 
     def to_bytes(self) -> bytes:
         fid = OP_FORMATS[self.fmt][0]
-        return struct.pack("<4siiiqfi", b"TVK1", 1, fid, int(self.has_bias), self.k, self.clip, 0)
+        flags = int(self.has_bias) | (int(self.act_int8) << 1)
+        return struct.pack("<4siiiqfi", b"TVK1", 1, fid, flags, self.k, self.clip, 0)
 
     @classmethod
     def from_bytes(cls, b: bytes) -> OpOptions:
         magic, version, fid, flags, k, clip, _ = struct.unpack("<4siiiqfi", b)
         if magic != b"TVK1" or version != 1 or fid not in _FMT_BY_ID:
             raise ValueError("not a ternvlm custom-op options record")
-        return cls(_FMT_BY_ID[fid], k, bool(flags & 1), clip)
+        return cls(_FMT_BY_ID[fid], k, bool(flags & 1), clip, bool(flags & 2))
+
+
+def _codes(w: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+    return torch.from_numpy(unpack(w.detach().cpu().numpy().view(np.uint8), k, fmt))
 
 
 def _dequant(w: torch.Tensor, scale: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
-    codes = unpack(w.detach().cpu().numpy().view(np.uint8), k, fmt)
-    q = torch.from_numpy(codes.astype(np.float32))
+    q = _codes(w, fmt, k).float()
     return q * scale.repeat_interleave(k // scale.shape[1], dim=1)
+
+
+def int8_act_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (codes * scale)^T with x quantized per row to int8, as kernels/tvk.h does.
+
+    Same float32 operations in the same order as the C kernels (exact integer dots, groups
+    summed in order), so an exported file reproduces this to the bit.
+    """
+    k = x.shape[-1]
+    xf = x.reshape(-1, k).float()
+    amax = xf.abs().amax(1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(xf * inv).clamp(-127, 127)
+    n, cols = scale.shape
+    g = k // cols
+    dots = torch.einsum(
+        "mcg,ncg->cmn", xq.double().view(-1, cols, g), codes.double().view(n, cols, g)
+    ).float()
+    total = torch.zeros(xf.shape[0], n)
+    for c in range(cols):
+        total = total + scale[:, c] * dots[c]
+    y = total * (amax / 127.0)
+    return y.reshape(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("ternvlm::packed_matmul", mutates_args=())
@@ -65,17 +99,37 @@ def packed_matmul(
     k: int,
     has_bias: bool,
     clip: float,
+    act_int8: bool = False,
 ) -> torch.Tensor:
-    """y = x @ dequant(w)^T (+ bias) (clamped): our ternary/binary matmul."""
-    y = torch.nn.functional.linear(x, _dequant(w, scale, _FMT_BY_ID[fmt_id], k))
+    """y = x @ dequant(w)^T (+ bias) (clamped): our packed matmul (activations int8 or f32)."""
+    fmt = _FMT_BY_ID[fmt_id]
+    if act_int8:
+        y = int8_act_linear(x, _codes(w, fmt, k), scale)
+    else:
+        y = torch.nn.functional.linear(x, _dequant(w, scale, fmt, k))
     if has_bias:
         y = y + bias
     return y.clamp(-clip, clip) if clip > 0 else y
 
 
 @packed_matmul.register_fake
-def _packed_matmul_fake(x, w, scale, bias, fmt_id, k, has_bias, clip):
+def _packed_matmul_fake(x, w, scale, bias, fmt_id, k, has_bias, clip, act_int8=False):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("ternvlm::packed_embedding", mutates_args=())
+def packed_embedding(
+    ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, fmt_id: int, k: int
+) -> torch.Tensor:
+    """Rows ``ids`` of dequant(w): an embedding table kept packed (int8 / int4 / ternary)."""
+    rows = w.index_select(0, ids.reshape(-1).long())
+    s = scale.index_select(0, ids.reshape(-1).long())
+    return _dequant(rows, s, _FMT_BY_ID[fmt_id], k).reshape(*ids.shape, k)
+
+
+@packed_embedding.register_fake
+def _packed_embedding_fake(ids, w, scale, fmt_id, k):
+    return scale.new_empty((*ids.shape, k))
 
 
 @torch.library.custom_op("ternvlm::packed_unpack", mutates_args=())
@@ -108,10 +162,15 @@ def _register_lowerings() -> None:
         return op.results[0]
 
     @lowerings.lower(torch.ops.ternvlm.packed_matmul)
-    def _lower_matmul(lctx, x, w, scale, bias, fmt_id, k, has_bias, clip):
+    def _lower_matmul(lctx, x, w, scale, bias, fmt_id, k, has_bias, clip, act_int8=False):
         fmt = _FMT_BY_ID[fmt_id]
-        opts = OpOptions(fmt, k, has_bias, clip).to_bytes()
+        opts = OpOptions(fmt, k, has_bias, clip, act_int8).to_bytes()
         return custom(lctx, [x, w, scale, bias], OP_FORMATS[fmt][1], opts)
+
+    @lowerings.lower(torch.ops.ternvlm.packed_embedding)
+    def _lower_embedding(lctx, ids, w, scale, fmt_id, k):
+        opts = OpOptions(_FMT_BY_ID[fmt_id], k).to_bytes()
+        return custom(lctx, [ids, w, scale], EMBEDDING_CODE, opts)
 
     @lowerings.lower(torch.ops.ternvlm.packed_unpack)
     def _lower_unpack(lctx, w, scale, fmt_id, k):

@@ -84,7 +84,7 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         c = self.cfg
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.norm.weight.dtype  # the embedding may be a packed table (export)
         return KVCache.empty(
             c.layers, batch, c.kv_heads, max_len or c.max_seq_len, c.head_dim, dtype
         )
