@@ -161,7 +161,10 @@ int RunMatmul(Format fmt, bool act_int8, const float* x, int64_t M, int64_t K,
     }
   }
 #endif
-  const bool ok = ParallelFor(threads, N, align, [&](int64_t n0, int64_t n1) {
+  // Waking a worker costs more than a few microseconds of work: small products run here.
+  constexpr int64_t kMinParallelBytes = 16 * 1024;
+  const int use = M * N * p.row_bytes < kMinParallelBytes ? 1 : threads;
+  const bool ok = ParallelFor(use, N, align, [&](int64_t n0, int64_t n1) {
     kernel(p, n0, n1);
     Epilogue(p, n0, n1);  // while this thread's columns are still in cache
   });

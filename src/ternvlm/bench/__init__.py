@@ -1,0 +1,1 @@
+"""Benchmarks against peer runtimes (llama.cpp) on the same decoder shapes."""
