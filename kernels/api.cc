@@ -80,15 +80,23 @@ void QuantizeActs(Format fmt, const float* x, int64_t M, int64_t K, int64_t scal
   s.xsum.assign(static_cast<size_t>(M * scale_cols), 0);
   s.d.resize(static_cast<size_t>(M));
   const int64_t G = K / scale_cols;
+  const bool simd = TVK_HAVE_AVX2 && SelectPath() == TVK_PATH_AVX2;
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     int8_t* q = s.xq.data() + m * K;
     float amax = 0.f;
     bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = std::fabs(xm[k]);
-      finite = finite && std::isfinite(v);
-      amax = v > amax ? v : amax;
+#if TVK_HAVE_AVX2
+    if (simd) {
+      finite = AbsMaxAvx2(xm, K, &amax);
+    } else
+#endif
+    {
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = std::fabs(xm[k]);
+        finite = finite && std::isfinite(v);
+        amax = v > amax ? v : amax;
+      }
     }
     if (!finite || amax == 0.f) {
       std::fill(q, q + K, int8_t{0});
@@ -96,12 +104,22 @@ void QuantizeActs(Format fmt, const float* x, int64_t M, int64_t K, int64_t scal
       continue;
     }
     const float inv = 127.f / amax;
+#if TVK_HAVE_AVX2
+    if (simd) {
+      QuantizeRowAvx2(xm, K, inv, q);
+    } else
+#endif
+    {
+      for (int64_t k = 0; k < K; ++k) {
+        const float r = std::nearbyint(xm[k] * inv);
+        q[k] = static_cast<int8_t>(static_cast<int>(std::min(127.f, std::max(-127.f, r))));
+      }
+    }
     int32_t* xs = s.xsum.data() + m * scale_cols;
-    for (int64_t k = 0; k < K; ++k) {
-      const float r = std::nearbyint(xm[k] * inv);
-      const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
-      q[k] = static_cast<int8_t>(v);
-      xs[k / G] += v;
+    for (int64_t g = 0; g < scale_cols; ++g) {
+      int32_t sum = 0;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) sum += q[k];
+      xs[g] = sum;
     }
     s.d[m] = amax / 127.f;
   }
@@ -115,8 +133,11 @@ void QuantizeActs(Format fmt, const float* x, int64_t M, int64_t K, int64_t scal
     const int8_t* q = s.xq.data() + m * K;
     int8_t* out = s.xp.data() + m * a.Kp;
     for (int64_t c0 = 0; c0 < K; c0 += a.chunk) {
-      for (int64_t i = 0; i < a.chunk && c0 + i < K; ++i) {  // i = cpb * j + plane
-        out[c0 + (i % cpb) * 32 + i / cpb] = q[c0 + i];
+      const int64_t n = std::min(a.chunk, K - c0);
+      for (int64_t j = 0, i = 0; i < n; ++j) {  // i = cpb * j + plane
+        for (int64_t plane = 0; plane < cpb && i < n; ++plane, ++i) {
+          out[c0 + plane * 32 + j] = q[c0 + i];
+        }
       }
     }
   }

@@ -17,7 +17,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace tvk {
 namespace {
@@ -215,6 +217,56 @@ void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1) {
       return MatmulI8T<Format::kInt4>(p, n0, n1);
     case Format::k1p6Bit:
       return MatmulI8Scalar(p, n0, n1);  // trits do not split into planes
+  }
+}
+
+TVK_AVX2 bool AbsMaxAvx2(const float* x, int64_t K, float* amax) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
+    mx = _mm256_max_ps(mx, a);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, mx);
+  float m = 0.f;
+  for (float v : lanes) m = v > m ? v : m;
+  bool finite = _mm256_movemask_ps(bad) == 0;
+  for (; k < K; ++k) {
+    const float v = std::fabs(x[k]);
+    finite = finite && std::isfinite(v);
+    m = v > m ? v : m;
+  }
+  *amax = m;
+  return finite;
+}
+
+namespace {
+// clamp(rint(x * s), +-127) of 8 floats as int32 (rint: the default rounding, like nearbyint).
+TVK_AVX2 inline __m256i Round8(const float* x, __m256 s) {
+  const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), s),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(
+      _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-127.f), r)));
+}
+}  // namespace
+
+TVK_AVX2 void QuantizeRowAvx2(const float* x, int64_t K, float inv, int8_t* q) {
+  const __m256 s = _mm256_set1_ps(inv);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m256i a = _mm256_packs_epi32(Round8(x + k, s), Round8(x + k + 8, s));
+    const __m256i b = _mm256_packs_epi32(Round8(x + k + 16, s), Round8(x + k + 24, s));
+    const __m256i v = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), v);
+  }
+  for (; k < K; ++k) {
+    const float r = std::nearbyint(x[k] * inv);
+    q[k] = static_cast<int8_t>(static_cast<int>(std::min(127.f, std::max(-127.f, r))));
   }
 }
 

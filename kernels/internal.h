@@ -153,6 +153,10 @@ void MatmulSmallMAvx2(const MatmulProblem& p, int64_t n0, int64_t n1);
 // and reuses them across all rows of x. n0 must be a multiple of kBlockRows.
 void MatmulBlockedAvx2(const MatmulProblem& p, int64_t n0, int64_t n1);
 void UnpackAvx2(const UnpackProblem& p, int64_t n0, int64_t n1);
+// Row helpers for QuantizeActs (same results as the scalar loops, bit for bit):
+// max |x| (false if any value is inf or NaN) and q = clamp(rint(x * inv), +-127).
+bool AbsMaxAvx2(const float* x, int64_t K, float* amax);
+void QuantizeRowAvx2(const float* x, int64_t K, float inv, int8_t* q);
 // int8 activations from p.act->xp, every format but 1.6bit; scale groups must
 // be whole chunks (scale_cols == 1 or group % chunk == 0).
 void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1);

@@ -118,6 +118,11 @@ def test_int8_activations_and_packed_heads(tokenizer, variant, head, tie):
     m = export_copy(model, variant, "int8", head)
     emb, lm = m.decoder.embed_tokens, m.decoder.lm_head
     assert (emb.w is lm.w) == tie and emb.fmt == head
+    if variant != "fp32":  # custom ops: q/k/v and gate/up fused into one matmul each
+        layer = m.decoder.layers[0]
+        att = layer.self_attn
+        assert att.qkv_proj.n == att.q_proj.n + att.k_proj.n + att.v_proj.n
+        assert layer.mlp.gate_up.n == 2 * layer.mlp.hidden
     exact = reference(m, ids, pixels, nxt)
     got = run_graphs(m, ids, pixels, nxt, 40, 64)
     for g, w in zip(got, exact, strict=True):

@@ -53,9 +53,14 @@ def _ungroup(o: torch.Tensor, heads: int, t: int) -> torch.Tensor:
 
 
 def _qkv(att: Attention, dec: Decoder, h: torch.Tensor, cos, sin):
-    q = _heads(att.q_proj(h), att.heads, att.head_dim)
-    k = _heads(att.k_proj(h), att.kv_heads, att.head_dim)
-    v = _heads(att.v_proj(h), att.kv_heads, att.head_dim)
+    if hasattr(att, "qkv_proj"):  # export/linear.py fused the three projections
+        kv = att.kv_heads * att.head_dim
+        q, k, v = att.qkv_proj(h).split([att.heads * att.head_dim, kv, kv], dim=-1)
+    else:
+        q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
+    q = _heads(q, att.heads, att.head_dim)
+    k = _heads(k, att.kv_heads, att.head_dim)
+    v = _heads(v, att.kv_heads, att.head_dim)
     return _rope(q, cos, sin, dec.rope.rot_dim), _rope(k, cos, sin, dec.rope.rot_dim), v
 
 

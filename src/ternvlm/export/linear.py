@@ -120,6 +120,55 @@ class PackedLinear(nn.Module):
         return y.clamp(-self.clip, self.clip) if self.clip > 0 else y
 
 
+def concat_linears(mods: list[PackedLinear]) -> PackedLinear:
+    """One PackedLinear computing ``mods`` side by side (outputs concatenated along N).
+
+    Rows are independent, so each output equals its own layer's to the bit; the fused layer
+    streams one bigger matrix and quantizes its input once instead of once per layer.
+    """
+    first = mods[0]
+    keys = {(m.mode, m.fmt, m.k, m.has_bias, m.clip, m.act_int8, m.scale.shape[1]) for m in mods}
+    if len(keys) != 1:
+        raise TernvlmError("internal error: fused layers differ in format, input size or options")
+    f = copy.deepcopy(first)
+    f.w = torch.cat([m.w for m in mods])
+    f.scale = torch.cat([m.scale for m in mods])
+    f.bias = torch.cat([m.bias for m in mods])
+    f.n = sum(m.n for m in mods)
+    return f
+
+
+class FusedMLP(nn.Module):
+    """SwiGLU with gate and up projections as one packed matmul: down(silu(g) * u)."""
+
+    def __init__(self, gate: PackedLinear, up: PackedLinear, down: PackedLinear) -> None:
+        super().__init__()
+        self.hidden = gate.n
+        self.gate_up = concat_linears([gate, up])
+        self.down_proj = down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up(x).split(self.hidden, dim=-1)
+        return self.down_proj(F.silu(g) * u)
+
+
+def _fuse_projections(m: nn.Module) -> None:
+    """q/k/v and gate/up of every decoder block as single matmuls (custom ops only).
+
+    The export graphs use ``self_attn.qkv_proj`` when it exists (graphs._qkv); q_proj, k_proj
+    and v_proj stay for the eager model, which computes the same numbers.
+    """
+    for layer in m.decoder.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        qkv = [att.q_proj, att.k_proj, att.v_proj]
+        if all(isinstance(p, PackedLinear) and p.mode == "custom" for p in qkv):
+            att.qkv_proj = concat_linears(qkv)
+        if mlp.kind == "swiglu":
+            parts = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            if all(isinstance(p, PackedLinear) and p.mode == "custom" for p in parts):
+                layer.mlp = FusedMLP(*parts)
+
+
 class FloatLinear(nn.Module):
     """The dequantized QuantLinear as a plain (constant-weight) Linear, output clip kept."""
 
@@ -239,6 +288,8 @@ def export_copy(model: nn.Module, variant: str, act: str = "int8", head: str = "
         new = FloatLinear(q) if mode == "float" else PackedLinear(q, mode, fmt, act_int8)
         parent, _, leaf = name.rpartition(".")
         setattr(m.get_submodule(parent) if parent else m, leaf, new)
+    if mode == "custom":
+        _fuse_projections(m)
     if head != "fp32":
         _replace_head(m, head, act == "int8")
     for p in m.parameters():
