@@ -208,7 +208,8 @@ def exported(tmp_path_factory, tokenizer):
     for name, (variant, act, head) in EXPORTS.items():
         files[name] = root / f"{name}.tflite"
         src = root / ("ckpt_binary" if variant == "binary" else "ckpt")
-        export(src, files[name], ExportConfig(variant, 40, 0, act, head))
+        logits = "last" if name.endswith("-last") else "all"
+        export(src, files[name], ExportConfig(variant, 40, 0, act, head, logits))
     return root / "ckpt", files
 
 
@@ -222,6 +223,7 @@ EXPORTS = {
     "unpack": ("unpack", "int8", "auto"),
     "binary": ("binary", "f32", "int8"),
     "fp32-int4": ("fp32", "int8", "int4"),
+    "ternary-last": ("ternary", "int8", "auto"),  # --prefill-logits last
 }
 
 
@@ -238,6 +240,7 @@ EXPORTS = {
         ("unpack", "litert"),
         ("binary", "litert"),
         ("fp32-int4", "litert"),
+        ("ternary-last", "litert"),
     ],
 )
 def test_tflite_matches_pytorch(exported, name, backend):
@@ -271,11 +274,16 @@ def test_tflite_matches_pytorch(exported, name, backend):
         ):
             enc = proc.encode(q)
             px = proc.pixels([img])
+            g = GenerationConfig(max_new_tokens=12)
+            if name.endswith("-last"):  # generation only: scoring texts needs every position
+                assert tv.generate_ids(enc.ids, px, g) == generate_ids(model, enc.ids, px, g)
+                with pytest.raises(TernvlmError, match="prefill-logits all"):
+                    tv(torch.tensor([enc.ids]), pixel_values=px)
+                continue
             want = model(torch.tensor([enc.ids]), pixel_values=px)[0]
             got = tv(torch.tensor([enc.ids]), pixel_values=px)[0]
             span = float(want.max() - want.min())
             assert float((got - want).abs().max()) <= 1e-3 * span
-            g = GenerationConfig(max_new_tokens=12)
             assert tv.generate_ids(enc.ids, px, g) == generate_ids(model, enc.ids, px, g)
 
 

@@ -212,12 +212,19 @@ def _add_export(sub) -> None:
         choices=list(HEADS),
         help="token embedding / LM head storage (auto: int8 beside packed layers)",
     )
+    p.add_argument(
+        "--prefill-logits",
+        default="all",
+        choices=["all", "last"],
+        help="prefill returns every position's logits (perplexity) or the last one (smaller)",
+    )
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .export.exporter import ExportConfig, export
 
-    info = export(a.model, a.out, ExportConfig(a.ops, a.prefill_len, a.cache_len, a.act, a.head))
+    ec = ExportConfig(a.ops, a.prefill_len, a.cache_len, a.act, a.head, a.prefill_logits)
+    info = export(a.model, a.out, ec)
     print(json.dumps(info, indent=2))
     return 0
 

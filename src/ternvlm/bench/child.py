@@ -6,7 +6,9 @@ It uses only numpy and our LiteRT driver (no torch), so its resident memory is t
 baseline (reported before the model is loaded) plus what the model costs. Steps, as a user's
 app would run them: encode the image, prefill the prompt (image features in the image-token
 slots), pick the first token (time to first token ends here), then ``gen`` greedy decode steps
-with the KV cache kept in the driver's own decode inputs. One untimed warm-up round first.
+with the KV cache kept in the driver's own decode inputs. Before any timing, a text-only
+prefill + decode gives the peak memory of decoding alone ("decode_peak_rss_mb", before the
+image encoder's activations exist), then one untimed warm-up round.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ def measure(
         prompt[0] = 1
         prompt[1 : 1 + n_img] = image_token_id
         prompt[1 + n_img : prompt_tokens] = 10 + np.arange(prompt_tokens - 1 - n_img) % 50
+        at = prompt_tokens - 1  # the position whose logits give the first token
+        if "last" in m.signatures["prefill"].inputs:  # --prefill-logits last: [1, 1, V]
+            m.input_array("prefill", "last")[...] = at
+            at = 0
         token_in, pos_in = m.input_array("decode", "token"), m.input_array("decode", "pos")
         logits_out = m.output_array("decode", "output_0")
         kv_out = [m.output_array("decode", f"output_{j + 1}") for j in range(len(names))]
@@ -79,7 +85,7 @@ def measure(
             t_enc = time.perf_counter()
             ids[0] = prompt
             m.run("prefill")
-            tok = int(np.argmax(m.output_array("prefill", "output_0")[0, prompt_tokens - 1]))
+            tok = int(np.argmax(m.output_array("prefill", "output_0")[0, at]))
             for a, b in zip(cache.values(), pre_kv, strict=True):
                 a[:, :, :prompt_tokens] = b[:, :, :prompt_tokens]
             t_first = time.perf_counter()
@@ -98,6 +104,15 @@ def measure(
                 gen_tokens / (t_end - t_first),
             )
 
+        # text-only first (no image encoder run yet): the memory a decoding app needs
+        feats_in[...] = 0.0
+        ids[0] = prompt
+        m.run("prefill")
+        for pos in range(prompt_tokens, prompt_tokens + gen_tokens):
+            token_in[...] = 7
+            pos_in[...] = pos
+            m.run("decode")
+        decode_hwm = status_mb("VmHWM")
         one_round()  # warm-up: first-run allocations, page faults on the weights
         rounds = [one_round() for _ in range(repeats)]
     finally:
@@ -111,6 +126,7 @@ def measure(
         "load_s": load_s,
         "baseline_rss_mb": rss_before,
         "vm_hwm_mb": status_mb("VmHWM"),
+        "decode_peak_rss_mb": decode_hwm,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
     }

@@ -55,7 +55,9 @@ def run_child(cmd: list[str], what: str, timeout_s: float | None = None) -> dict
         proc.kill()
 
     with tempfile.TemporaryFile() as err_file:  # a file, not a pipe: no deadlock on chatter
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file)
+        # one BLAS thread: numpy's OpenBLAS workers would spin beside the threads we measure
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, env=env)
         timer = threading.Timer(timeout_s, kill) if timeout_s else None
         if timer is not None:
             timer.start()

@@ -133,13 +133,15 @@ def _checkpoints(c: BenchConfig, root: Path) -> tuple[dict[str, Path], bool]:
     return dirs, True
 
 
-def _export_all(c: BenchConfig, dirs: dict[str, Path], root: Path, prefill: int, cache: int):
+def _export_all(
+    c: BenchConfig, dirs: dict[str, Path], root: Path, prefill: int, cache: int, trained: bool
+):
     """Export each variant once; a file is reused when its recorded settings are the same."""
     from ..export.exporter import ExportConfig, export
 
     files, infos = {}, {}
     for v in tqdm(c.variants, desc="export"):
-        ec = ExportConfig(ops=v, prefill_len=prefill, cache_len=cache, act=c.act, head=c.head)
+        ec = ExportConfig(v, prefill, cache, c.act, c.head, "all" if trained else "last")
         src = dirs[_SOURCE[v]]
         out = root / "files" / f"{v}.tflite"
         sidecar = out.with_suffix(".json")
@@ -198,7 +200,7 @@ def run_bench(c: BenchConfig, command: str = "") -> dict:
         raise TernvlmError(
             f"prompt {prompt} + {c.gen_tokens} tokens exceed the context {cfg.decoder.max_seq_len}"
         )
-    files, infos = _export_all(c, dirs, root, prefill, cache)
+    files, infos = _export_all(c, dirs, root, prefill, cache, trained)
     peers = _peer_files(dirs, root, cache) if c.peer else {}
 
     jobs = [(v, t) for t in c.threads for v in (*c.variants, *peers)]
@@ -258,6 +260,10 @@ def run_bench(c: BenchConfig, command: str = "") -> dict:
             row["peak_rss_mb"] = max(s["peak_rss_mb"] for s in got)
             row["baseline_rss_mb"] = min(s.get("baseline_rss_mb") or 0.0 for s in got)
             row["model_rss_ratio"] = (row["peak_rss_mb"] - row["baseline_rss_mb"]) / (file_mb + kv)
+            dec = [s["decode_peak_rss_mb"] for s in got if s.get("decode_peak_rss_mb")]
+            if dec:  # litert children: memory of decoding alone (before any image encoding)
+                row["decode_peak_rss_mb"] = max(dec)
+                row["decode_rss_ratio"] = (max(dec) - row["baseline_rss_mb"]) / (file_mb + kv)
             for key in ("encode_ms", "ttft_ms", "decode_tok_s"):
                 row[key] = _merge(got, key)
         row.update(quality.get(v, {}))

@@ -35,6 +35,7 @@ class ExportConfig:
     cache_len: int = 0  # 0: the model's context length
     act: str = "int8"  # activations of our packed matmuls: "int8" (per row) or "f32"
     head: str = "auto"  # token embedding / LM head: "fp32", "int8", "int4" ("auto": linear.py)
+    prefill_logits: str = "all"  # "all" positions (perplexity) or the "last" one (generation)
 
     def validate(self, max_seq_len: int) -> ExportConfig:
         if self.ops not in VARIANTS:
@@ -43,6 +44,8 @@ class ExportConfig:
             raise TernvlmError(f"unknown --act {self.act!r}; choose from {', '.join(ACTS)}")
         if self.head not in HEADS:
             raise TernvlmError(f"unknown --head {self.head!r}; choose from {', '.join(HEADS)}")
+        if self.prefill_logits not in ("all", "last"):
+            raise TernvlmError(f"--prefill-logits must be all or last, got {self.prefill_logits!r}")
         for name in ("prefill_len", "cache_len"):
             v = getattr(self, name)
             if not 0 <= v <= max_seq_len:
@@ -71,7 +74,8 @@ def convert(model, cfg: ExportConfig) -> bytes:
     prefill_len = cfg.prefill_len or d.max_seq_len
     cache_len = cfg.cache_len or d.max_seq_len
     m = export_copy(model, cfg.ops, cfg.act, cfg.head)
-    samples = graphs.sample_inputs(m, prefill_len, cache_len)
+    last = cfg.prefill_logits == "last"
+    samples = graphs.sample_inputs(m, prefill_len, cache_len, last)
     kv_names = [f"{kind}_{i}" for i in range(d.layers) for kind in ("k", "v")]
     conv = litert_torch.signature(
         "encode_image",
@@ -80,8 +84,12 @@ def convert(model, cfg: ExportConfig) -> bytes:
     )
     conv = conv.signature(
         "prefill",
-        graphs.Prefill(m, prefill_len).eval(),
-        sample_kwargs=dict(zip(("input_ids", "image_features"), samples["prefill"], strict=True)),
+        graphs.Prefill(m, prefill_len, last).eval(),
+        sample_kwargs=dict(
+            zip(
+                ("input_ids", "image_features", "last")[: 2 + last], samples["prefill"], strict=True
+            )
+        ),
     )
     decode_kw = dict(zip(("token", "pos", *kv_names), samples["decode"], strict=True))
     conv = conv.signature("decode", graphs.Decode(m, cache_len).eval(), sample_kwargs=decode_kw)
@@ -156,6 +164,7 @@ def export(model_path: str | Path, out: str | Path, cfg: ExportConfig) -> dict:
         "ops": cfg.ops,
         "prefill_len": cfg.prefill_len or d.max_seq_len,
         "cache_len": cfg.cache_len or d.max_seq_len,
+        "prefill_logits": cfg.prefill_logits,
         "source": str(model_path),
         "parts": describe_parts(model, cfg.ops, cfg.act, cfg.head),
         "export": asdict(cfg),

@@ -3,9 +3,11 @@
 They reuse the model's own modules (norms, MLPs, projections), so the file computes what the
 PyTorch model computes; only attention and the KV cache are rewritten for static shapes:
 
-- ``prefill(input_ids [1, T], image_features [1, I, H])``: the prompt padded to T tokens, image
-  features written over the image-token slots, causal attention; returns logits [1, T, V] and each
-  layer's keys/values [1, kvh, T, D]. Padding after the prompt cannot change earlier positions.
+- ``prefill(input_ids [1, T], image_features [1, I, H] [, last [1]])``: the prompt padded to T
+  tokens, image features written over the image-token slots, causal attention; returns logits
+  [1, T, V] (or [1, 1, V] at position ``last`` when exported with ``--prefill-logits last``) and
+  each layer's keys/values [1, kvh, T, D]. Padding after the prompt cannot change earlier
+  positions.
 - ``decode(token [1, 1], pos [1], k_<i>/v_<i> [1, kvh, L, D])``: one token at position ``pos``
   attending to cache slots < pos and to itself; returns logits [1, 1, V] and the new key/value
   [1, kvh, 1, D] per layer. The caller writes them into its cache at ``pos``: the cache is
@@ -84,14 +86,22 @@ def _block(layer, x: torch.Tensor, attn_out) -> torch.Tensor:
 
 
 class Prefill(nn.Module):
-    def __init__(self, model: VLM, length: int) -> None:
+    """``last_only``: an extra input ``last`` [1] picks the one position whose logits are
+    returned ([1, 1, V]): what generation needs, without a [T, V] head product and buffer."""
+
+    def __init__(self, model: VLM, length: int, last_only: bool = False) -> None:
         super().__init__()
-        self.model, self.length = model, length
+        self.model, self.length, self.last_only = model, length, last_only
         mask = torch.full((length, length), NEG).triu(1)
         rep = model.cfg.decoder.heads // model.cfg.decoder.kv_heads
         self.register_buffer("mask", mask.repeat(rep, 1), persistent=False)  # [rep*T, T]
 
-    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor,
+        last: torch.Tensor | None = None,
+    ):
         m, dec = self.model, self.model.decoder
         ids = input_ids.long()
         x = dec.embed_tokens(ids)  # [1, T, H]
@@ -113,6 +123,8 @@ class Prefill(nn.Module):
                 return att.o_proj(_ungroup(o, att.heads, self.length))
 
             x = _block(layer, x, attn_out)
+        if self.last_only:
+            x = torch.index_select(x, 1, last.long())
         return (dec.lm_head(dec.norm(x)), *caches)
 
 
@@ -148,7 +160,9 @@ class Decode(nn.Module):
         return (dec.lm_head(dec.norm(x)), *new)
 
 
-def sample_inputs(model: VLM, prefill_len: int, cache_len: int) -> dict[str, tuple]:
+def sample_inputs(
+    model: VLM, prefill_len: int, cache_len: int, last_only: bool = False
+) -> dict[str, tuple]:
     """Example inputs per signature (shapes and dtypes are what the .tflite will take)."""
     c = model.cfg
     v, d = c.vision, c.decoder
@@ -157,7 +171,8 @@ def sample_inputs(model: VLM, prefill_len: int, cache_len: int) -> dict[str, tup
     kv_shape = (1, d.kv_heads, cache_len, d.head_dim)
     return {
         "encode_image": (torch.zeros(1, 3, v.image_size, v.image_size),),
-        "prefill": (ids, torch.zeros(1, c.image_tokens, d.hidden)),
+        "prefill": (ids, torch.zeros(1, c.image_tokens, d.hidden))
+        + ((torch.zeros(1, dtype=torch.int32),) if last_only else ()),
         "decode": (
             torch.zeros(1, 1, dtype=torch.int32),
             torch.zeros(1, dtype=torch.int32),

@@ -145,7 +145,8 @@ def aligned_empty(shape: tuple[int, ...], dtype, nbytes: int = 0) -> np.ndarray:
     holds at least ``nbytes`` bytes from there (what LiteRT may touch; see ``bind``)."""
     dtype = np.dtype(dtype)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(max(size, nbytes, 1) + ALIGN, dtype=np.uint8)
+    # zeros: large blocks come from calloc/mmap, so pages nobody writes never become resident
+    raw = np.zeros(max(size, nbytes, 1) + ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start : start + size].view(dtype).reshape(shape)
 
@@ -190,7 +191,6 @@ class LiteRtModel:
                                 f"{self.path}: no memory for {t.name!r} of {s.name!r} "
                                 f"({need} bytes)"
                             ) from None
-                        a[...] = 0
                         self._bind(s, out, j, t.name, a)
         except BaseException:
             self.close()

@@ -105,6 +105,7 @@ class TfliteVLM:
         self.processor = Processor(self.cfg, tok)
         self.prefill_len = int(self.export_info["prefill_len"])
         self.cache_len = int(self.export_info["cache_len"])
+        self.last_logits_only = self.export_info.get("prefill_logits") == "last"
         self._handle = None
         if backend == "interpreter":
             self._run = _interpreter_runner(self.path, threads, self.export_info["custom_ops"])
@@ -157,6 +158,11 @@ class TfliteVLM:
         """Logits [B, T, V] by one prefill per row (rows padded to the exported length)."""
         if cache is not None:
             raise TernvlmError("TfliteVLM keeps its own cache: use prefill/decode")
+        if self.last_logits_only:
+            raise TernvlmError(
+                f"{self.path} was exported with --prefill-logits last: it returns the last "
+                "position's logits only; export with --prefill-logits all to score texts"
+            )
         if image_features is None:
             if pixel_values is None:
                 raise TernvlmError("a .tflite VLM needs an image (pixel_values or image_features)")
@@ -168,7 +174,8 @@ class TfliteVLM:
 
     # -- the two decoder signatures ------------------------------------------------------
     def prefill(self, ids: list[int], image_features: np.ndarray) -> tuple[np.ndarray, int]:
-        """Logits [n, V] for a prompt of n tokens; the cache then holds positions [0, n)."""
+        """Logits [n, V] for a prompt of n tokens ([1, V]: the last one, for files exported
+        with --prefill-logits last); the cache then holds positions [0, n)."""
         n = len(ids)
         if n > self.prefill_len:
             raise TernvlmError(
@@ -176,12 +183,16 @@ class TfliteVLM:
             )
         x = np.full((1, self.prefill_len), self.cfg.pad_token_id, np.int32)
         x[0, :n] = ids
+        extra = {"last": np.array([n - 1], np.int32)} if self.last_logits_only else {}
         out = self._run(
-            "prefill", input_ids=x, image_features=np.ascontiguousarray(image_features, np.float32)
+            "prefill",
+            input_ids=x,
+            image_features=np.ascontiguousarray(image_features, np.float32),
+            **extra,
         )
         for j, name in enumerate(self._kv_names):
             self.cache[name][:, :, :n] = out[f"output_{j + 1}"][:, :, :n]
-        return out["output_0"][0, :n], n
+        return out["output_0"][0, : 1 if self.last_logits_only else n], n
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         """Logits [V] of ``token`` at position ``pos`` (cache holds [0, pos)); caches it."""
