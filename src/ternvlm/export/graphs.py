@@ -54,7 +54,7 @@ def _ungroup(o: torch.Tensor, heads: int, t: int) -> torch.Tensor:
     return o.reshape(1, heads, t, d).transpose(1, 2).reshape(1, t, heads * d)
 
 
-def _qkv(att: Attention, dec: Decoder, h: torch.Tensor, cos, sin):
+def _qkv(att: Attention, dec: Decoder, h: torch.Tensor, cos, sin, rot):
     if hasattr(att, "qkv_proj"):  # export/linear.py fused the three projections
         kv = att.kv_heads * att.head_dim
         q, k, v = att.qkv_proj(h).split([att.heads * att.head_dim, kv, kv], dim=-1)
@@ -63,11 +63,28 @@ def _qkv(att: Attention, dec: Decoder, h: torch.Tensor, cos, sin):
     q = _heads(q, att.heads, att.head_dim)
     k = _heads(k, att.kv_heads, att.head_dim)
     v = _heads(v, att.kv_heads, att.head_dim)
-    return _rope(q, cos, sin, dec.rope.rot_dim), _rope(k, cos, sin, dec.rope.rot_dim), v
+    rd = dec.rope.rot_dim
+    return _rope(q, cos, sin, rd, rot), _rope(k, cos, sin, rd, rot), v
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int) -> torch.Tensor:
-    """RotaryEmbedding.forward with cos/sin [T, rot] given (gathered once per graph)."""
+def rotate_half_matrix(dim: int) -> torch.Tensor:
+    """R [dim, dim] with x @ R == cat(-x[dim/2:], x[:dim/2]) exactly (one signed 1 per column)."""
+    half = dim // 2
+    r = torch.zeros(dim, dim)
+    idx = torch.arange(half)
+    r[idx + half, idx] = -1.0
+    r[idx, idx + half] = 1.0
+    return r
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int, rot) -> torch.Tensor:
+    """RotaryEmbedding.forward with cos/sin [T, rot] given (gathered once per graph).
+
+    Full rotary: rotate-half as one product with a constant matrix, 4 ops instead of 2 slices, a
+    negation, a concatenation and the products (fewer ops: less dispatch and runtime memory).
+    """
+    if rot_dim == x.shape[-1]:
+        return x * cos + torch.matmul(x, rot) * sin
     rot, rest = x[..., :rot_dim], x[..., rot_dim:]
     half = rot_dim // 2
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
@@ -95,6 +112,8 @@ class Prefill(nn.Module):
         mask = torch.full((length, length), NEG).triu(1)
         rep = model.cfg.decoder.heads // model.cfg.decoder.kv_heads
         self.register_buffer("mask", mask.repeat(rep, 1), persistent=False)  # [rep*T, T]
+        rd = model.decoder.rope.rot_dim
+        self.register_buffer("rot", rotate_half_matrix(rd), persistent=False)
 
     def forward(
         self,
@@ -116,7 +135,7 @@ class Prefill(nn.Module):
             att = layer.self_attn
 
             def attn_out(h, att=att):
-                q, k, v = _qkv(att, dec, h, cos, sin)
+                q, k, v = _qkv(att, dec, h, cos, sin, self.rot)
                 caches.extend([k, v])
                 s = _grouped(q, att.kv_heads) @ k.transpose(-1, -2) * scale + self.mask
                 o = torch.softmax(s, dim=-1) @ v
@@ -133,6 +152,8 @@ class Decode(nn.Module):
         super().__init__()
         self.model, self.cache_len = model, cache_len
         self.register_buffer("slots", torch.arange(cache_len), persistent=False)
+        rd = model.decoder.rope.rot_dim
+        self.register_buffer("rot", rotate_half_matrix(rd), persistent=False)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor, **cache: torch.Tensor):
         dec = self.model.decoder
@@ -147,7 +168,7 @@ class Decode(nn.Module):
             kc, vc = cache[f"k_{i}"], cache[f"v_{i}"]
 
             def attn_out(h, att=att, kc=kc, vc=vc):
-                q, k, v = _qkv(att, dec, h, cos, sin)
+                q, k, v = _qkv(att, dec, h, cos, sin, self.rot)
                 new.extend([k, v])
                 qg = _grouped(q, att.kv_heads) * scale  # [1, kvh, rep, D]
                 s_cache = qg @ kc.transpose(-1, -2) + visible  # [1, kvh, rep, L]
