@@ -100,3 +100,30 @@ def test_bad_preset_and_model(tmp_path, capsys):
     assert main(["bench", "--preset", "gpt5", "--out", str(tmp_path)]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert main(["bench", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+
+
+def test_checks_on_a_known_result():
+    from ternvlm.bench.run import PEER_CONFIGS, checks
+
+    def row(v, t, tok, **kw):
+        return {"variant": v, "threads": t, "decode_tok_s": {"median": tok}, **kw}
+
+    peer = next(iter(PEER_CONFIGS))
+    result = {
+        "rows": [
+            row("fp32", 1, 20.0),
+            row("int8", 1, 50.0),
+            row("ternary", 1, 100.0, decode_rss_ratio=1.2),
+            row(peer, 1, 110.0),
+            row("ternary", 2, 150.0, error="crashed"),
+        ],
+        "quantized_layers_mb": {"fp32": 400.0, "ternary": 26.0},
+    }
+    got = {c["check"]: (round(c["measured"], 4), c["holds"]) for c in checks(result)}
+    assert got == {
+        "ternary / fp32 decode tok/s, 1 thread(s)": (5.0, True),
+        "ternary / int8 decode tok/s, 1 thread(s)": (2.0, True),
+        f"ternary / {peer} decode tok/s, 1 thread(s)": (round(100 / 110, 4), False),
+        "quantized layers: ternary / fp32 bytes": (0.065, True),
+        "ternary RSS while decoding / (file + KV), 1 thread(s)": (1.2, True),
+    }

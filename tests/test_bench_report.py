@@ -164,6 +164,7 @@ def test_markdown_columns_and_rows(written):
         "Head",
         "File MB",
         "Peak RSS MB",
+        "Decode RSS MB",
         "Encode ms",
         "TTFT ms",
         "Decode tok/s",

@@ -247,6 +247,7 @@ def markdown_table(result: dict) -> str:
     columns += [
         "File MB",
         "Peak RSS MB",
+        "Decode RSS MB",
         "Encode ms",
         "TTFT ms",
         "Decode tok/s",
@@ -284,6 +285,7 @@ def markdown_table(result: dict) -> str:
         cells += [
             _fmt(_finite(r.get("file_mb"))),
             _fmt(_finite(r.get("peak_rss_mb"))),
+            _fmt(_finite(r.get("decode_peak_rss_mb"))),
             _fmt_stat(r.get("encode_ms")),
             _fmt_stat(r.get("ttft_ms")),
             _fmt_stat(r.get("decode_tok_s")),
@@ -297,8 +299,20 @@ def markdown_table(result: dict) -> str:
     lines.append("")
     lines.append(
         "Times are median (min–max) over repeats. Speed-up vs fp32: decode tok/s divided by the "
-        "fp32 variant's at the same thread count (– when there is no fp32 row for those threads)."
+        "fp32 variant's at the same thread count (– when there is no fp32 row for those threads). "
+        "Peak RSS: the whole run, image encoding included; Decode RSS: after a text-only prefill "
+        "and decode, before the image encoder ran (both include the runtime's baseline)."
     )
+    found = result.get("checks")
+    if isinstance(found, list) and found:
+        lines += ["", "| Check | Measured | Target | Holds |", "|---|---:|---|---|"]
+        for c in found:
+            ok = "yes" if c.get("holds") else "**no**"
+            m = _finite(c.get("measured"))
+            lines.append(
+                f"| {_cell(c.get('check'))} | {MISSING if m is None else f'{m:.3g}'} | "
+                f"{_cell(c.get('target'))} | {ok} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -268,7 +268,7 @@ def run_bench(c: BenchConfig, command: str = "") -> dict:
                 row[key] = _merge(got, key)
         row.update(quality.get(v, {}))
         rows.append(row)
-    return {
+    result = {
         "model": c.preset or str(dirs["float"]),
         "preset": c.preset,
         "command": command,
@@ -293,6 +293,54 @@ def run_bench(c: BenchConfig, command: str = "") -> dict:
         else None,
         "rows": rows,
     }
+    result["checks"] = checks(result)
+    return result
+
+
+def _median_of(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    return v.get("median") if isinstance(v, dict) else None
+
+
+def checks(result: dict) -> list[dict]:
+    """The issue's targets evaluated on this run: ternary decode speed against fp32, int8 and
+    llama.cpp (TQ2_0 + Q4_0 head) at each thread count, file size of the quantized layers, and
+    resident memory while decoding against file + KV cache."""
+    rows = [r for r in result["rows"] if not r.get("error")]
+    out = []
+
+    def add(name: str, value: float | None, target: str, ok: bool) -> None:
+        out.append({"check": name, "measured": value, "target": target, "holds": ok})
+
+    for t in sorted({r["threads"] for r in rows}):
+        at = {r["variant"]: r for r in rows if r["threads"] == t}
+        tern = _median_of(at.get("ternary", {}), "decode_tok_s")
+        if tern is None:
+            continue
+        for other, target in (("fp32", 3.0), ("int8", 1.5), (next(iter(PEER_CONFIGS)), 1.0)):
+            base = _median_of(at.get(other, {}), "decode_tok_s")
+            if base:
+                ratio = tern / base
+                add(
+                    f"ternary / {other} decode tok/s, {t} thread(s)",
+                    ratio,
+                    f">= {target:g}x",
+                    ratio >= target,
+                )
+    q = result.get("quantized_layers_mb")
+    if q:
+        ratio = q["ternary"] / q["fp32"]
+        add("quantized layers: ternary / fp32 bytes", ratio, "<= 0.1", ratio <= 0.1)
+    for r in rows:
+        if r["variant"] == "ternary" and r.get("decode_rss_ratio") is not None:
+            v = r["decode_rss_ratio"]
+            add(
+                f"ternary RSS while decoding / (file + KV), {r['threads']} thread(s)",
+                v,
+                "<= 1.3",
+                v <= 1.3,
+            )
+    return out
 
 
 def _quality(c: BenchConfig, files: dict[str, Path], proc, cfg) -> dict[str, dict]:
