@@ -41,6 +41,7 @@ constexpr int kLiteRtHwAcceleratorCpu = 1 << 0;
 
 // LiteRtOpCode: kLiteRtOpCodeTflCustom == kTfLiteBuiltinCustom.
 constexpr int kLiteRtOpCodeTflCustom = 32;
+constexpr int kLiteRtOpCodeTflFullyConnected = 9;  // kTfLiteBuiltinFullyConnected
 
 // LiteRtTensorTypeId.
 constexpr int kLiteRtRankedTensorType = 0;

@@ -42,6 +42,7 @@ namespace tvr {
 namespace {
 
 constexpr int kMaxThreads = 64;  // tvk's limit
+constexpr size_t kHeavyWeightBytes = 64 * 1024;  // builtin FC weights that are model work
 
 // ---- libLiteRt.so ------------------------------------------------------------
 
@@ -230,7 +231,7 @@ struct tvr_model {
   std::vector<tvr::Signature> sigs;
   std::vector<std::string> foreign_ops;  // custom codes that are not ours
   int num_custom_ops = 0;
-  bool builtin_heavy = true;  // no custom ops, or TernaryUnpack ones
+  bool builtin_heavy = false;  // big builtin FULLY_CONNECTED or TernaryUnpack ops present
   std::string error;
 };
 
@@ -371,7 +372,18 @@ Status ReadNodes(tvr_model* m) {
       int code = -1;
       const char* custom = nullptr;
       if (api.LiteRtGetSubgraphOp(sg, o, &op) != kLiteRtStatusOk ||
-          api.LiteRtGetOpCode(op, &code) != kLiteRtStatusOk || code != kLiteRtOpCodeTflCustom ||
+          api.LiteRtGetOpCode(op, &code) != kLiteRtStatusOk) {
+        continue;
+      }
+      if (code == kLiteRtOpCodeTflFullyConnected && !m->builtin_heavy) {
+        // A builtin layer with real weights (not a rotary 64 x 64): XNNPACK does model work.
+        LiteRtTensor wt = nullptr;
+        if (api.LiteRtGetOpInput(op, 1, &wt) == kLiteRtStatusOk && wt != nullptr &&
+            Describe(api, wt).bytes >= kHeavyWeightBytes) {
+          m->builtin_heavy = true;
+        }
+      }
+      if (code != kLiteRtOpCodeTflCustom ||
           api.LiteRtGetCustomCode(op, &custom) != kLiteRtStatusOk || custom == nullptr) {
         continue;
       }
@@ -424,7 +436,7 @@ Status ReadNodes(tvr_model* m) {
     }
   }
   m->num_custom_ops = static_cast<int>(nodes.size());
-  m->builtin_heavy = false;  // TernaryUnpack feeds builtin FULLY_CONNECTED: XNNPACK does the work
+  // TernaryUnpack feeds builtin FULLY_CONNECTED: XNNPACK does the work
   for (const Node& n : nodes) m->builtin_heavy = m->builtin_heavy || n.kind == kTernaryUnpack;
   return m->ops->AddNodes(std::move(nodes));
 }
@@ -440,7 +452,7 @@ Status MakeOptions(tvr_model* m, int threads) {
   // pools spin between jobs, and two spinning pools on the same cores starve each other (2
   // cores, smolvlm-256m ternary decode: 210 -> 268 tok/s; image encoding 840 -> 1040 ms, its
   // attention being builtin). TERNVLM_XNNPACK_THREADS=N overrides.
-  int xnn_threads = m->builtin_heavy ? threads : 1;
+  int xnn_threads = m->builtin_heavy || m->num_custom_ops == 0 ? threads : 1;
   if (const char* v = std::getenv("TERNVLM_XNNPACK_THREADS")) {
     xnn_threads = std::max(1, std::min(threads, std::atoi(v)));
   }
