@@ -305,7 +305,11 @@ def markdown_table(result: dict) -> str:
     )
     found = result.get("checks")
     if isinstance(found, list) and found:
-        lines += ["", "| Check | Measured | Target | Holds |", "|---|---:|---|---|"]
+        lines += [
+            "",
+            "| Check (targets set for SmolVLM-256M shapes) | Measured | Target | Holds |",
+            "|---|---:|---|---|",
+        ]
         for c in found:
             ok = "yes" if c.get("holds") else "**no**"
             m = _finite(c.get("measured"))
