@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -320,3 +322,27 @@ def test_variants_listed_in_cli():
 
     args = build_parser().parse_args(["export", "default", "--out", "x.tflite", "--ops", "int8"])
     assert args.ops == "int8" and set(VARIANTS) >= {"ternary", "binary", "unpack", "int8"}
+
+
+@pytest.mark.slow
+def test_large_model_custom_options_are_inlined(exported):
+    """Files near 2 GB keep custom options outside the flatbuffer; load() brings them back."""
+    from ternvlm.export.align import load, serialize
+
+    _, files = exported
+    data = files["ternary"].read_bytes()
+    model = load(data)
+    ops = [op for sg in model.subgraphs for op in sg.operators if op.customOptions is not None]
+    want = [bytes(np.asarray(op.customOptions, np.uint8)) for op in ops]
+    for op in ops:  # the layout the converter writes for large models, offsets set below
+        op.customOptions = None
+        op.largeCustomOptionsOffset, op.largeCustomOptionsSize = 1, 32
+    n = len(serialize(copy.deepcopy(model)))  # offsets are fixed-width: the size stays
+    for i, op in enumerate(ops):
+        op.largeCustomOptionsOffset = n + 32 * i
+    moved = serialize(model)
+    assert len(moved) == n
+    back = load(moved + b"".join(want))
+    got = [op for sg in back.subgraphs for op in sg.operators if op.customOptions is not None]
+    assert [bytes(np.asarray(op.customOptions, np.uint8)) for op in got] == want
+    assert all(op.largeCustomOptionsSize == 0 for sg in back.subgraphs for op in sg.operators)

@@ -34,6 +34,15 @@ def load(data: bytes):
         if buf.offset > 1:
             buf.data = np.frombuffer(data, np.uint8, buf.size, buf.offset).copy()
             buf.offset = buf.size = 0
+    # Files near 2 GB (the converter's "large model" layout) keep custom options outside the
+    # flatbuffer too; ours are 32 bytes: inline them, the runtime's C API only reads those.
+    for sg in model.subgraphs or []:
+        for op in sg.operators or []:
+            size = getattr(op, "largeCustomOptionsSize", 0) or 0
+            if size > 0:
+                start = op.largeCustomOptionsOffset
+                op.customOptions = np.frombuffer(data, np.uint8, size, start).copy()
+                op.largeCustomOptionsOffset = op.largeCustomOptionsSize = 0
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -98,8 +99,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(model: str | Path) -> tuple[VLM, Processor]:
-    """Load a checkpoint folder; every failure becomes a one-line TernvlmError."""
+    """Load a checkpoint folder; every failure becomes a one-line TernvlmError.
+
+    A Hugging Face folder (its config.json has a ``model_type``) is mapped onto our model by
+    :mod:`ternvlm.models.hf_idefics3`; anything else is our own format.
+    """
     path = resolve(model)
+    if is_hf_folder(path):
+        from .hf_idefics3 import load_idefics3
+
+        return load_idefics3(path)
     cfg = VLMConfig.load(path / CONFIG)
     tok = load_tokenizer(path / TOKENIZER)
     weights = path / WEIGHTS
@@ -117,6 +126,15 @@ def load_checkpoint(model: str | Path) -> tuple[VLM, Processor]:
     load_weights(net, sd, str(weights))
     net.eval()
     return net, Processor(cfg, tok)
+
+
+def is_hf_folder(path: Path) -> bool:
+    """True when ``path/config.json`` is a transformers config (it names a ``model_type``)."""
+    try:
+        data = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False  # VLMConfig.load reports the missing or corrupt file
+    return isinstance(data, dict) and "model_type" in data
 
 
 def load_weights(net: VLM, sd: dict[str, torch.Tensor], where: str) -> None:
