@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from ternvlm.errors import TernvlmError
 from ternvlm.models.checkpoint import load_checkpoint
 from ternvlm.models.generate import GenerationConfig, generate, generate_ids
-from ternvlm.models.hf_idefics3 import config_from_hf, load_idefics3
+from ternvlm.models.hf_idefics3 import config_from_hf, load_idefics3, our_name
+from ternvlm.models.vlm import VLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -149,6 +150,19 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path_factory, token
         assert mine == ref, (seed, mine, ref)
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"vision_config": {"patch_size": 16}, "text_config": {"vocab_size": 130000}},
+        {"vision_config": {"patch_size": 16}, "image_token_id": 5},
+    ],
+)
+def test_defaults_of_a_sparse_config_json_match_transformers(given):
+    """save_pretrained leaves out values equal to the defaults; ours fill them in the same way."""
+    full = transformers.Idefics3Config(**given).to_dict()
+    assert config_from_hf({"model_type": "idefics3", **given}) == config_from_hf(full)
+
+
 def test_load_idefics3_runs_our_pipeline(untied):
     _, folder = untied
     model, proc = load_idefics3(folder)
@@ -236,3 +250,24 @@ def test_hub_id_without_network(monkeypatch, error):
         load_idefics3("HuggingFaceTB/SmolVLM-256M-Instruct")
     with pytest.raises(TernvlmError, match="checkpoint not found"):
         load_idefics3("no/such/local/folder")
+
+
+def test_vision_positions_follow_transformers_rounding(tokenizer):
+    """On a 38x38 patch grid transformers' float32 buckets give row/column 12 position 11."""
+    side = 38
+    cfg = hf_config(tokenizer.get_vocab_size(), tie=False)
+    cfg.vision_config.image_size, cfg.vision_config.patch_size = 2 * side, 2
+    cfg.text_config.max_position_embeddings = 512  # room for the 361 image tokens
+    torch.manual_seed(0)
+    hf = transformers.Idefics3ForConditionalGeneration(cfg)
+    randomize_(hf)
+    hf.eval()
+    model = VLM(config_from_hf(cfg)).eval()
+    sd = {our_name(k): v for k, v in hf.state_dict().items() if our_name(k)}
+    model.load_state_dict(sd, strict=False)
+    assert not torch.equal(model.vision.position_ids, torch.arange(side * side))
+    px = torch.randn(1, 3, 2 * side, 2 * side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine = model.encode_image(px)[0]
+        ref = hf.model.get_image_features(px[:, None]).pooler_output[0]
+    assert (mine - ref).abs().max().item() <= 1e-4

@@ -32,6 +32,10 @@ class VisionConfig:
     heads: int = 4
     mlp: int = 512
     norm_eps: float = 1e-6
+    # Idefics3 (NaViT) positions: patch (i, j) of the grid takes the learned position of its
+    # fractional bucket, computed in float32 as transformers does; on some grid sides (19, 25, ...)
+    # rounding moves a row or column to its neighbour's position. False: patch k uses position k.
+    position_buckets: bool = False
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 

@@ -184,7 +184,8 @@ def config_from_hf(hf_config: Any) -> VLMConfig:
         )
     top = {**_TOP_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
     v = {**_VISION_DEFAULTS, **(data.get("vision_config") or {})}
-    t = {**_LLAMA_DEFAULTS, **(data.get("text_config") or {})}
+    # Without a text_config, transformers builds llama with rms_norm_eps 1e-5 (Idefics3Config).
+    t = {**_LLAMA_DEFAULTS, **(data.get("text_config") or {"rms_norm_eps": 1e-5})}
     if t["model_type"] not in _TEXT_MODEL_TYPES:
         raise TernvlmError(
             f"unsupported Idefics3 text_config model_type {t['model_type']!r}; "
@@ -215,6 +216,7 @@ def config_from_hf(hf_config: Any) -> VLMConfig:
                 heads=int(v["num_attention_heads"]),
                 mlp=int(v["intermediate_size"]),
                 norm_eps=float(v["layer_norm_eps"]),
+                position_buckets=True,
             ),
             connector=ConnectorConfig(scale_factor=int(top["scale_factor"]), kind="linear"),
             decoder=DecoderConfig(
@@ -277,7 +279,8 @@ def local_folder(path: str | Path) -> Path:
             "you can access"
         ) from None
     except Exception as exc:  # no network: connection errors, offline mode, nothing cached
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise TernvlmError(
             f"checkpoint not found: {name} is not a local folder, and it cannot be downloaded "
             f"from the Hugging Face Hub: there is no network ({type(exc).__name__}: {reason}); "

@@ -58,6 +58,21 @@ class ConvStem(nn.Module):
         return self.conv2(F.gelu(self.conv1(x)))
 
 
+def bucket_position_ids(side: int, rows: int, cols: int) -> torch.Tensor:
+    """transformers' Idefics3VisionEmbeddings position ids for an unpadded ``rows x cols`` grid.
+
+    Same float32 arithmetic (fraction, clamp, bucketize against ``arange(1/side, 1, 1/side)``),
+    so the ids match transformers bit for bit, rounding quirks included.
+    """
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+
+    def buckets(n: int) -> torch.Tensor:
+        frac = torch.arange(n, dtype=torch.float32) * (1.0 / torch.tensor(n))
+        return torch.bucketize(torch.clamp(frac, max=1.0 - 1e-6), boundaries, right=True)
+
+    return (buckets(rows)[:, None] * side + buckets(cols)[None, :]).reshape(-1)
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -67,13 +82,21 @@ class VisionEncoder(nn.Module):
         else:
             self.patch_embedding = nn.Conv2d(3, cfg.hidden, cfg.patch_size, stride=cfg.patch_size)
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden)
+        if cfg.position_buckets:
+            side = cfg.image_size // cfg.patch_size
+            self.register_buffer(
+                "position_ids", bucket_position_ids(side, side, side), persistent=False
+            )
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W] normalised -> patch features [B, num_patches, hidden]."""
         x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        x = x + self.position_embedding.weight[None]
+        if self.cfg.position_buckets:
+            x = x + self.position_embedding.weight[self.position_ids][None]
+        else:
+            x = x + self.position_embedding.weight[None]
         for layer in self.layers:
             x = layer(x)
         return self.post_layernorm(x)
