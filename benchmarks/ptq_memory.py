@@ -6,7 +6,11 @@ Random weights with the preset's shapes (ternvlm.bench.presets): 283 Linear laye
 vision encoder, connector and decoder, per-row k-means, the recipe of ``ternvlm ternarize``.
 """
 
-import time, resource, torch
+import resource
+import time
+
+import torch
+
 from ternvlm.bench.presets import preset_config
 from ternvlm.models.vlm import VLM
 from ternvlm.quant.api import quantize_
