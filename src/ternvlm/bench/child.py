@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,11 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TernvlmError
-from .proc import status_mb
-
-
-def _stats(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+from .proc import spread, status_mb
 
 
 def measure(
@@ -122,10 +117,10 @@ def measure(
         m.close()
     enc, pre, ttft, tps = (list(x) for x in zip(*rounds, strict=True))
     return {
-        "encode_ms": _stats(enc),
-        "prefill_ms": _stats(pre),
-        "ttft_ms": _stats(ttft),
-        "decode_tok_s": _stats(tps),
+        "encode_ms": spread(enc),
+        "prefill_ms": spread(pre),
+        "ttft_ms": spread(ttft),
+        "decode_tok_s": spread(tps),
         "load_s": load_s,
         "baseline_rss_mb": rss_before,
         "vm_hwm_mb": status_mb("VmHWM"),

@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import sys
 import time
 from collections import Counter
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import TernvlmError
-from .proc import ChildCrash, run_child, status_mb
+from .proc import ChildCrash, run_child, spread, status_mb
 
 if TYPE_CHECKING:  # torch is imported lazily: the timing child must not carry it in its RSS
     from torch import nn
@@ -340,10 +339,6 @@ def _model_params(llama: ModuleType, extra_bufts: bool) -> Any:
     return params
 
 
-def _stats(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
 def measure(
     path: Path,
     threads: int,
@@ -421,8 +416,8 @@ def measure(
     if repeats > 1:
         ttft, tok_s = ttft[1:], tok_s[1:]
     return {
-        "ttft_ms": _stats(ttft),
-        "decode_tok_s": _stats(tok_s),
+        "ttft_ms": spread(ttft),
+        "decode_tok_s": spread(tok_s),
         "threads": threads,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,

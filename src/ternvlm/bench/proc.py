@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -25,6 +26,11 @@ class ChildCrash(TernvlmError):
     def __init__(self, message: str, why: str) -> None:
         super().__init__(message)
         self.why = why
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements (what the report shows)."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 def status_mb(key: str) -> float:

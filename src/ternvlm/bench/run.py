@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import TernvlmError
-from .proc import run_child
+from .proc import run_child, spread
 
 VARIANTS = ("fp32", "int8", "ternary", "ternary158", "unpack", "binary")
 # variant -> which checkpoint it is exported from
@@ -178,7 +177,7 @@ def _merge(rounds: list[dict], key: str) -> dict[str, float] | None:
     vals = [r[key]["median"] for r in rounds if r.get(key)]
     if not vals:
         return None
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+    return spread(vals)
 
 
 def run_bench(c: BenchConfig, command: str = "") -> dict:

@@ -137,12 +137,11 @@ def is_hf_folder(path: Path) -> bool:
     return isinstance(data, dict) and "model_type" in data
 
 
-def load_weights(net: VLM, sd: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load that names missing, unexpected and mis-shaped tensors."""
-    expected = state_dict_for_save(net)
+def weight_problems(expected: dict[str, tuple[int, ...]], sd: dict[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors of ``sd`` against ``expected`` name -> shape."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    shapes = sorted(k for k in expected if k in sd and tuple(sd[k].shape) != expected[k])
     problems = []
     if missing:
         problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -153,10 +152,15 @@ def load_weights(net: VLM, sd: dict[str, torch.Tensor], where: str) -> None:
     if shapes:
         problems.append(
             "mis-shaped tensors "
-            + ", ".join(
-                f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}" for k in shapes[:5]
-            )
+            + ", ".join(f"{k} {tuple(sd[k].shape)} != {expected[k]} expected" for k in shapes[:5])
         )
+    return problems
+
+
+def load_weights(net: VLM, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load that names missing, unexpected and mis-shaped tensors."""
+    expected = {k: tuple(v.shape) for k, v in state_dict_for_save(net).items()}
+    problems = weight_problems(expected, sd)
     if problems:
         raise TernvlmError(f"checkpoint {where} does not match its config: " + "; ".join(problems))
     if net.cfg.quantization_config is not None:

@@ -31,7 +31,14 @@ from safetensors.torch import load_file
 
 from ..config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
 from ..errors import TernvlmError
-from .checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights, state_dict_for_save
+from .checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    load_weights,
+    state_dict_for_save,
+    weight_problems,
+)
 from .processor import Processor
 from .tokenizer import load_tokenizer
 from .vlm import VLM
@@ -350,21 +357,7 @@ def _resolve_tie(
 def _check_weights(net: VLM, sd: dict[str, torch.Tensor], where: str) -> None:
     """Name (in transformers' names) every missing, unexpected or mis-shaped tensor."""
     expected = {hf_name(k): tuple(v.shape) for k, v in state_dict_for_save(net).items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = sorted(k for k in expected if k in sd and tuple(sd[k].shape) != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(
-            f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    if shapes:
-        problems.append(
-            "mis-shaped tensors "
-            + ", ".join(f"{k} {tuple(sd[k].shape)} != {expected[k]} expected" for k in shapes[:5])
-        )
+    problems = weight_problems(expected, sd)
     if problems:
         raise TernvlmError(
             f"Idefics3 checkpoint {where} does not match its {CONFIG}: " + "; ".join(problems)
