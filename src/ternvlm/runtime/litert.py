@@ -55,6 +55,7 @@ _DTYPES = {
     17: np.uint16,
 }
 _ERR_SIZE = 4096
+_MAP_BYTES = 64 * 1024  # host arrays at least this big get their own mapping
 _lib: ctypes.CDLL | None = None
 
 
@@ -145,8 +146,13 @@ def aligned_empty(shape: tuple[int, ...], dtype, nbytes: int = 0) -> np.ndarray:
     holds at least ``nbytes`` bytes from there (what LiteRT may touch; see ``bind``)."""
     dtype = np.dtype(dtype)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    # zeros: large blocks come from calloc/mmap, so pages nobody writes never become resident
-    raw = np.zeros(max(size, nbytes, 1) + ALIGN, dtype=np.uint8)
+    room = max(size, nbytes, 1)
+    if room >= _MAP_BYTES:
+        # its own anonymous mapping: zero pages that nobody writes never become resident (a
+        # calloc'd block may be memset by malloc, e.g. once glibc's mmap threshold has grown)
+        raw = np.frombuffer(mmap.mmap(-1, room), dtype=np.uint8)
+        return raw[:size].view(dtype).reshape(shape)  # page-aligned
+    raw = np.zeros(room + ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start : start + size].view(dtype).reshape(shape)
 
