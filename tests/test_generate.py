@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ternvlm.models.generate import GenerationConfig, generate_ids
@@ -39,3 +40,19 @@ def test_sampling_is_seeded_and_respects_context(tiny):
     a = generate_ids(model, ids, px, g)
     assert a == generate_ids(model, ids, px, g)
     assert len(ids) + len(a) <= model.cfg.decoder.max_seq_len
+
+
+def test_decode_step_may_emit_the_image_token():
+    """A generated image token is embedded as a token (transformers does the same), no error."""
+    from ternvlm.models.checkpoint import load_checkpoint
+
+    model, proc = load_checkpoint("default")
+    enc = proc.encode("caption:")
+    px = torch.zeros(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
+    cache = model.decoder.new_cache(1)
+    with torch.no_grad():
+        model(torch.tensor([enc.ids]), pixel_values=px, cache=cache)
+        step = model(torch.tensor([[model.cfg.image_token_id]]), cache=cache)
+        assert step.shape[:2] == (1, 1) and torch.isfinite(step).all()
+        with pytest.raises(ValueError, match="no image"):  # a prompt still needs its image
+            model(torch.tensor([enc.ids]))

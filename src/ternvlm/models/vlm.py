@@ -33,12 +33,18 @@ class VLM(nn.Module):
         """[B, 3, H, W] -> [B, image_tokens, decoder hidden]."""
         return self.connector(self.vision(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features written over the image-token positions."""
+    def embed(
+        self, input_ids: torch.Tensor, image_features: torch.Tensor | None, plain: bool = False
+    ) -> torch.Tensor:
+        """Token embeddings with image features written over the image-token positions.
+
+        ``plain``: image tokens without features keep their token embedding (a decode step that
+        generated the image token, as transformers does) instead of being an error.
+        """
         x = self.decoder.embed_tokens(input_ids)
         mask = input_ids == self.cfg.image_token_id
         n_slots = int(mask.sum())
-        if n_slots == 0:
+        if n_slots == 0 or (plain and image_features is None):
             return x
         if image_features is None:
             raise ValueError("input_ids contain image tokens but no image was given")
@@ -59,4 +65,5 @@ class VLM(nn.Module):
         """Logits [B, T, vocab]. Pass ``image_features`` to reuse an encoded image."""
         if image_features is None and pixel_values is not None:
             image_features = self.encode_image(pixel_values)
-        return self.decoder(self.embed(input_ids, image_features), cache)
+        decoding = cache is not None and cache.length > 0  # the prompt's image is in the cache
+        return self.decoder(self.embed(input_ids, image_features, plain=decoding), cache)
