@@ -60,6 +60,21 @@ def preset_config(name: str) -> VLMConfig:
     return PRESETS[name]().validate()
 
 
+def save_ptq(model, bits: str, tokenizer, out: Path, card: str) -> None:
+    """A post-training k-means quantized copy of ``model`` (``bits``: ternary or binary), saved
+    as a checkpoint that records its recipe; ``model`` itself is left float."""
+    from ..models.checkpoint import save_checkpoint
+    from ..quant.api import quantize_
+    from ..quant.config import preset
+
+    q = copy.deepcopy(model)
+    qc = preset("ternvlm" if bits == "ternary" else "binary")
+    quantize_(q, qc, progress=True)
+    q.cfg = copy.deepcopy(q.cfg)
+    q.cfg.quantization_config = qc.to_dict()
+    save_checkpoint(out, q, tokenizer, card=card)
+
+
 def build_preset(
     name: str, out: Path, bits: tuple[str, ...] = ("ternary", "binary"), seed: int = 0
 ) -> dict[str, Path]:
@@ -70,8 +85,6 @@ def build_preset(
     """
     from ..models.checkpoint import load_checkpoint, save_checkpoint
     from ..models.vlm import VLM
-    from ..quant.api import quantize_
-    from ..quant.config import preset
 
     cfg = preset_config(name)
     tok = load_checkpoint("default")[1].tokenizer  # any tokenizer whose ids fit the vocab
@@ -86,11 +99,5 @@ def build_preset(
         model.decoder.embed_tokens.weight.normal_(0.0, 0.02)
     save_checkpoint(dirs["float"], model, tok, card=f"random weights, preset {name}, seed {seed}")
     for b in bits:
-        q = copy.deepcopy(model)
-        qc = preset("ternvlm" if b == "ternary" else "binary")
-        quantize_(q, qc, progress=True)
-        q.cfg = copy.deepcopy(q.cfg)
-        q.cfg.quantization_config = qc.to_dict()
-        save_checkpoint(dirs[b], q, tok, card=f"k-means PTQ ({b}) of preset {name}")
-        del q
+        save_ptq(model, b, tok, dirs[b], f"k-means PTQ ({b}) of preset {name}")
     return dirs

@@ -11,7 +11,6 @@ two PNG charts (bench/report.py).
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import sys
@@ -100,8 +99,8 @@ def quantized_layer_bytes(model) -> dict[str, int]:
 
 def _checkpoints(c: BenchConfig, root: Path) -> tuple[dict[str, Path], bool]:
     """{"float", "ternary", "binary"} checkpoint folders and whether the model is trained."""
-    from ..models.checkpoint import load_checkpoint, resolve, save_checkpoint
-    from .presets import build_preset
+    from ..models.checkpoint import load_checkpoint, resolve
+    from .presets import build_preset, save_ptq
 
     bits = tuple(b for b in ("ternary", "binary") if b in {_SOURCE[v] for v in c.variants})
     if c.preset:
@@ -118,17 +117,9 @@ def _checkpoints(c: BenchConfig, root: Path) -> tuple[dict[str, Path], bool]:
         if given:
             dirs[b] = resolve(given)
             continue
-        from ..quant.api import quantize_
-        from ..quant.config import preset
-
         dirs[b] = root / "models" / f"{Path(dirs['float']).name}-{b}-ptq"
         if not (dirs[b] / "config.json").exists():
-            q = copy.deepcopy(model)
-            qc = preset("ternvlm" if b == "ternary" else "binary")
-            quantize_(q, qc, progress=True)
-            q.cfg = copy.deepcopy(q.cfg)
-            q.cfg.quantization_config = qc.to_dict()
-            save_checkpoint(dirs[b], q, proc.tokenizer, card=f"k-means PTQ ({b}), no fine-tuning")
+            save_ptq(model, b, proc.tokenizer, dirs[b], f"k-means PTQ ({b}), no fine-tuning")
     return dirs, True
 
 
