@@ -175,9 +175,9 @@ def test_load_idefics3_runs_our_pipeline(untied):
 
 
 def test_unsupported_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     with pytest.raises(
-        TernvlmError, match=r"unsupported .*model_type 'llava'.*supported: idefics3"
+        TernvlmError, match=r"unsupported .*model_type 'qwen2_vl'.*supported: idefics3"
     ):
         load_checkpoint(tmp_path)
     with pytest.raises(TernvlmError, match="supported: idefics3"):

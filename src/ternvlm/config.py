@@ -18,17 +18,20 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 STEMS = ("patch", "conv")
 CONNECTORS = ("linear", "mlp")
+GELUS = ("erf", "tanh")
+VISION_ACTS = ("gelu_tanh", "gelu", "quick_gelu")
+RESIZES = ("stretch", "crop", "pad")
 
 
 @dataclass
 class VisionConfig:
-    """SigLIP-style ViT encoder."""
+    """SigLIP-style ViT encoder; CLIP (LLaVA's tower) through the options after ``image_std``."""
 
     image_size: int = 64
     patch_size: int = 8
     stem: str = "patch"  # "patch": one strided conv (SigLIP); "conv": 3x3 conv then patchify
     hidden: int = 128
-    layers: int = 4
+    layers: int = 4  # blocks run (LLaVA: the blocks before the hidden state it reads)
     heads: int = 4
     mlp: int = 512
     norm_eps: float = 1e-6
@@ -38,10 +41,24 @@ class VisionConfig:
     position_buckets: bool = False
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    act: str = "gelu_tanh"  # block MLP: "gelu_tanh" (SigLIP), "gelu" (exact), "quick_gelu" (CLIP)
+    patch_bias: bool = True  # CLIP's patch conv has no bias
+    class_token: bool = False  # CLIP: a learned class embedding before the patches, own position
+    pre_norm: bool = False  # CLIP: LayerNorm ``pre_layernorm`` on the embeddings, before block 1
+    post_norm: bool = True  # LayerNorm ``post_layernorm`` after the last block (LLaVA: none)
+    drop_first_token: bool = False  # LLaVA "default" strategy: output token 0 is dropped
+    # Image to square: "stretch" (resize), "crop" (shortest edge to image_size, then center
+    # crop: CLIP), "pad" (pad to a square with the mean colour, then resize: LLaVA do_pad).
+    resize: str = "stretch"
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Feature vectors per image: patches, plus the class token, minus a dropped first one."""
+        return self.num_patches + int(self.class_token) - int(self.drop_first_token)
 
 
 @dataclass
@@ -51,6 +68,8 @@ class ConnectorConfig:
     scale_factor: int = 2
     kind: str = "linear"  # "linear" (Idefics3) or "mlp" (LLaVA: linear-GELU-linear)
     bias: bool = False
+    mlp_hidden: int = 0  # "mlp": width between the two linears; 0 = decoder hidden (Moondream: 4x)
+    gelu: str = "erf"  # "mlp": "erf" (exact GELU) or "tanh" (tanh-approximated, Moondream2)
 
 
 @dataclass
@@ -95,7 +114,7 @@ class VLMConfig:
     @property
     def image_tokens(self) -> int:
         """Number of decoder positions one image occupies."""
-        return self.vision.num_patches // self.connector.scale_factor**2
+        return self.vision.num_tokens // self.connector.scale_factor**2
 
     def validate(self) -> VLMConfig:
         v, c, d = self.vision, self.connector, self.decoder
@@ -106,11 +125,26 @@ class VLMConfig:
             ),
             (v.hidden % v.heads == 0, "vision.hidden must be a multiple of vision.heads"),
             (v.stem in STEMS, f"vision.stem must be one of {STEMS}"),
+            (v.layers >= 0, "vision.layers must be >= 0"),
+            (v.act in VISION_ACTS, f"vision.act must be one of {VISION_ACTS}"),
+            (v.resize in RESIZES, f"vision.resize must be one of {RESIZES}"),
+            (v.patch_bias or v.stem == "patch", "vision.patch_bias=false needs stem 'patch'"),
+            (
+                not (v.position_buckets and v.class_token),
+                "vision.position_buckets cannot be combined with vision.class_token",
+            ),
+            (
+                c.scale_factor == 1 or v.class_token == v.drop_first_token,
+                "connector.scale_factor must be 1 when the vision output is not the patch grid "
+                "(vision.class_token kept or vision.drop_first_token without a class token)",
+            ),
             (
                 (v.image_size // v.patch_size) % c.scale_factor == 0,
                 "patch grid side must be a multiple of connector.scale_factor",
             ),
             (c.kind in CONNECTORS, f"connector.kind must be one of {CONNECTORS}"),
+            (c.gelu in GELUS, f"connector.gelu must be one of {GELUS}"),
+            (c.mlp_hidden >= 0, "connector.mlp_hidden must be >= 0 (0 = decoder hidden)"),
             (d.hidden % d.heads == 0, "decoder.hidden must be a multiple of decoder.heads"),
             (d.heads % d.kv_heads == 0, "decoder.heads must be a multiple of decoder.kv_heads"),
             (d.norm in NORMS, f"decoder.norm must be one of {NORMS}"),

@@ -36,15 +36,42 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def to_square(im: Image.Image, size: int, resize: str, mean: tuple[float, ...]) -> Image.Image:
+    """``size`` x ``size`` RGB image, bicubic, as transformers' PIL image processors do it.
+
+    ``stretch``: resize to the square. ``crop``: resize the shortest edge to ``size`` (aspect
+    kept), then center crop (CLIP). ``pad``: pad to a square with the ``mean`` colour, centred,
+    then resize (LLaVA ``do_pad``).
+    """
+    im = to_rgb(im)
+    w, h = im.size
+    if resize == "pad" and w != h:
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), tuple(int(x * 255) for x in mean))
+        square.paste(im, ((side - w) // 2, (side - h) // 2))
+        im, w, h = square, side, side
+    if resize == "crop" and w != h:
+        if w < h:
+            w, h = size, int(size * h / w)
+        else:
+            w, h = int(size * w / h), size
+        im = im.resize((w, h), Image.Resampling.BICUBIC)
+        top, left = (h - size) // 2, (w - size) // 2
+        return im.crop((left, top, left + size, top + size))
+    return im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BICUBIC)
+
+
 def to_pixels(
-    images: list[Image.Image], size: int, mean: tuple[float, ...], std: tuple[float, ...]
+    images: list[Image.Image],
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    resize: str = "stretch",
 ) -> torch.Tensor:
-    """Resize (bicubic) and normalise a list of images to a [B, 3, size, size] float tensor."""
+    """Resize (bicubic, see :func:`to_square`) and normalise images to [B, 3, size, size]."""
     arrs = []
     for im in images:
-        im = to_rgb(im)
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BICUBIC)
+        im = to_square(im, size, resize, mean)
         arrs.append(np.asarray(im, dtype=np.float32) / 255.0)
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
     m = torch.tensor(mean, dtype=torch.float32)[None, :, None, None]

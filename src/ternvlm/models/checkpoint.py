@@ -102,13 +102,29 @@ def load_checkpoint(model: str | Path) -> tuple[VLM, Processor]:
     """Load a checkpoint folder; every failure becomes a one-line TernvlmError.
 
     A Hugging Face folder (its config.json has a ``model_type``) is mapped onto our model by
-    :mod:`ternvlm.models.hf_idefics3`; anything else is our own format.
+    :mod:`ternvlm.models.hf_idefics3` (SmolVLM), :mod:`ternvlm.models.hf_moondream`
+    (Moondream2) or :mod:`ternvlm.models.hf_llava` (LLaVA); anything else is our own format.
     """
     path = resolve(model)
     if is_hf_folder(path):
+        from .hf_idefics3 import SUPPORTED_MODEL_TYPES as IDEFICS3
         from .hf_idefics3 import load_idefics3
+        from .hf_llava import SUPPORTED_MODEL_TYPES as LLAVA
+        from .hf_llava import load_llava
+        from .hf_moondream import SUPPORTED_MODEL_TYPES as MOONDREAM
+        from .hf_moondream import load_moondream
 
-        return load_idefics3(path)
+        model_type = json.loads((path / CONFIG).read_text()).get("model_type")
+        if model_type in MOONDREAM:
+            return load_moondream(path)
+        if model_type in IDEFICS3:
+            return load_idefics3(path)
+        if model_type in LLAVA:
+            return load_llava(path)
+        raise TernvlmError(
+            f"unsupported Hugging Face model_type {model_type!r}; "
+            f"supported: {', '.join(IDEFICS3 + LLAVA + MOONDREAM)}"
+        )
     cfg = VLMConfig.load(path / CONFIG)
     tok = load_tokenizer(path / TOKENIZER)
     weights = path / WEIGHTS

@@ -27,8 +27,9 @@ class Connector(nn.Module):
         self.cfg = cfg
         in_dim = vision_dim * cfg.scale_factor**2
         if cfg.kind == "mlp":
-            self.linear_1 = nn.Linear(in_dim, text_dim, bias=cfg.bias)
-            self.linear_2 = nn.Linear(text_dim, text_dim, bias=cfg.bias)
+            mid = cfg.mlp_hidden or text_dim
+            self.linear_1 = nn.Linear(in_dim, mid, bias=cfg.bias)
+            self.linear_2 = nn.Linear(mid, text_dim, bias=cfg.bias)
         else:
             self.proj = nn.Linear(in_dim, text_dim, bias=cfg.bias)
 
@@ -39,5 +40,6 @@ class Connector(nn.Module):
             else features
         )
         if self.cfg.kind == "mlp":
-            return self.linear_2(F.gelu(self.linear_1(x)))
+            approximate = "tanh" if self.cfg.gelu == "tanh" else "none"
+            return self.linear_2(F.gelu(self.linear_1(x), approximate=approximate))
         return self.proj(x)

@@ -143,34 +143,37 @@ def _unsupported(model_type: Any) -> TernvlmError:
     )
 
 
-def _square(value: Any, name: str) -> int:
+def _square(value: Any, name: str, arch: str = "Idefics3") -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise TernvlmError(f"unsupported Idefics3 config: non-square vision {name} {value}")
+            raise TernvlmError(f"unsupported {arch} config: non-square vision {name} {value}")
         value = value[0]
-    return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TernvlmError(f"invalid {arch} config: vision {name} {value!r}") from None
 
 
-def _one_id(value: Any, name: str, default: int) -> int:
+def _one_id(value: Any, name: str, default: int, arch: str = "Idefics3") -> int:
     """Token id from a config value that may be None, an int or a list (first one is kept)."""
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
     if value is None:
         return default
     if not isinstance(value, int):
-        raise TernvlmError(f"invalid Idefics3 config: {name} must be an integer, got {value!r}")
+        raise TernvlmError(f"invalid {arch} config: {name} must be an integer, got {value!r}")
     return value
 
 
-def _rope(t: dict[str, Any]) -> tuple[float, float]:
+def _rope(t: dict[str, Any], arch: str = "Idefics3") -> tuple[float, float]:
     """(rope_theta, partial_rotary) from a llama config of transformers 4.x or 5.x."""
     params = t.get("rope_parameters") or t.get("rope_scaling") or {}
     if not isinstance(params, dict):
-        raise TernvlmError(f"unsupported Idefics3 config: rope_parameters {params!r}")
+        raise TernvlmError(f"unsupported {arch} config: rope_parameters {params!r}")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
         raise TernvlmError(
-            f"unsupported Idefics3 config: rope_type {kind!r} (only 'default' RoPE is implemented)"
+            f"unsupported {arch} config: rope_type {kind!r} (only 'default' RoPE is implemented)"
         )
     theta = params.get("rope_theta", t.get("rope_theta"))
     partial = params.get("partial_rotary_factor", t.get("partial_rotary_factor"))

@@ -23,12 +23,21 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
 
 
-class MLP(nn.Module):
-    """``swiglu``: down(silu(gate(x)) * up(x)); ``gelu``: fc2(gelu_tanh(fc1(x)))."""
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh`` (tanh-approximated GELU), ``gelu`` (exact) or ``quick_gelu`` (CLIP)."""
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
-    def __init__(self, dim: int, hidden: int, kind: str, bias: bool) -> None:
+
+class MLP(nn.Module):
+    """``swiglu``: down(silu(gate(x)) * up(x)); ``gelu``: fc2(act(fc1(x))), ``act`` gelu_tanh."""
+
+    def __init__(
+        self, dim: int, hidden: int, kind: str, bias: bool, act: str = "gelu_tanh"
+    ) -> None:
         super().__init__()
-        self.kind = kind
+        self.kind, self.act = kind, act
         if kind == "swiglu":
             self.gate_proj = nn.Linear(dim, hidden, bias=bias)
             self.up_proj = nn.Linear(dim, hidden, bias=bias)
@@ -40,7 +49,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(activation(self.act, self.fc1(x)))
 
 
 class RotaryEmbedding(nn.Module):

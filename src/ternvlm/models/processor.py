@@ -36,7 +36,7 @@ class Processor:
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         v = self.cfg.vision
-        return to_pixels(images, v.image_size, v.image_mean, v.image_std)
+        return to_pixels(images, v.image_size, v.image_mean, v.image_std, v.resize)
 
     def tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

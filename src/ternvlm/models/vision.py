@@ -1,4 +1,9 @@
-"""SigLIP-style ViT image encoder (patch embedding, learned positions, pre-LN blocks)."""
+"""SigLIP-style ViT image encoder (patch embedding, learned positions, pre-LN blocks).
+
+CLIP (LLaVA's tower) is the same network with options: a class token with its own position,
+no bias on the patch conv, ``pre_layernorm`` before the blocks, quick-GELU MLPs; LLaVA reads
+the hidden state after ``layers`` blocks without ``post_layernorm`` and may drop token 0.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ class VisionBlock(nn.Module):
         self.layer_norm1 = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.self_attn = VisionAttention(cfg.hidden, cfg.heads)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.hidden, cfg.mlp, "gelu", bias=True)
+        self.mlp = MLP(cfg.hidden, cfg.mlp, "gelu", bias=True, act=cfg.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
@@ -80,23 +85,38 @@ class VisionEncoder(nn.Module):
         if cfg.stem == "conv":
             self.patch_embedding = ConvStem(cfg)
         else:
-            self.patch_embedding = nn.Conv2d(3, cfg.hidden, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden)
+            self.patch_embedding = nn.Conv2d(
+                3, cfg.hidden, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+            )
+        if cfg.class_token:
+            self.class_embedding = nn.Parameter(torch.randn(cfg.hidden) * 0.02)
+        self.position_embedding = nn.Embedding(cfg.num_patches + int(cfg.class_token), cfg.hidden)
         if cfg.position_buckets:
             side = cfg.image_size // cfg.patch_size
             self.register_buffer(
                 "position_ids", bucket_position_ids(side, side, side), persistent=False
             )
+        if cfg.pre_norm:
+            self.pre_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
-        self.post_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        if cfg.post_norm:
+            self.post_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, H, W] normalised -> patch features [B, num_patches, hidden]."""
+        """pixel_values [B, 3, H, W] normalised -> features [B, cfg.num_tokens, hidden]."""
+        cfg = self.cfg
         x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        if self.cfg.position_buckets:
+        if cfg.class_token:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)
+        if cfg.position_buckets:
             x = x + self.position_embedding.weight[self.position_ids][None]
         else:
             x = x + self.position_embedding.weight[None]
+        if cfg.pre_norm:
+            x = self.pre_layernorm(x)
         for layer in self.layers:
             x = layer(x)
-        return self.post_layernorm(x)
+        if cfg.post_norm:
+            x = self.post_layernorm(x)
+        return x[:, 1:] if cfg.drop_first_token else x
