@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from ..config import VLMConfig
 from ..errors import TernvlmError
-from .processor import Processor
+from .processor import Processor, processor_for
 from .tokenizer import load_tokenizer
 from .vlm import VLM
 
@@ -141,7 +141,7 @@ def load_checkpoint(model: str | Path) -> tuple[VLM, Processor]:
         prepare_quantized(net, cfg.quantization_config)
     load_weights(net, sd, str(weights))
     net.eval()
-    return net, Processor(cfg, tok)
+    return net, processor_for(cfg, tok)
 
 
 def is_hf_folder(path: Path) -> bool:

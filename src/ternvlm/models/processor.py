@@ -57,3 +57,13 @@ class Processor:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def processor_for(cfg: VLMConfig, tokenizer: Tokenizer) -> Processor:
+    """The processor whose text layout the model was trained with (kept across save/export:
+    ``cfg.architecture`` is stored with the weights and in .tflite metadata)."""
+    if cfg.architecture == "moondream2":
+        from .hf_moondream import MoondreamProcessor  # its prompt template
+
+        return MoondreamProcessor(cfg, tokenizer)
+    return Processor(cfg, tokenizer)

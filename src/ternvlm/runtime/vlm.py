@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from ..config import VLMConfig
 from ..errors import TernvlmError
 from ..models.generate import GenerationConfig, pick_token
-from ..models.processor import Processor
+from ..models.processor import processor_for
 
 Runner = Callable[..., dict[str, np.ndarray]]  # runner(signature, **inputs) -> outputs
 
@@ -102,7 +102,7 @@ class TfliteVLM:
     def __init__(self, path: str | Path, threads: int = 1, backend: str = "litert") -> None:
         self.path = Path(path)
         self.cfg, self.export_info, tok = read_tflite_metadata(self.path)
-        self.processor = Processor(self.cfg, tok)
+        self.processor = processor_for(self.cfg, tok)
         self.prefill_len = int(self.export_info["prefill_len"])
         self.cache_len = int(self.export_info["cache_len"])
         self.last_logits_only = self.export_info.get("prefill_logits") == "last"
