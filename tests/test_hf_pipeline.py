@@ -78,3 +78,38 @@ def proc_prompt(question: str) -> str:
     from ternvlm.models.processor import qa_prompt
 
     return qa_prompt(question)
+
+
+def test_hub_ids_on_the_command_line(monkeypatch, tmp_path_factory, tokenizer, capsys, tmp_path):
+    """``owner/name[@revision]`` reaches huggingface_hub (revision included) from the CLI; a
+    local path always wins, and no network is a one-line error with the download command."""
+    hub = pytest.importorskip("huggingface_hub")
+    from PIL import Image
+
+    folder = hf_folder("idefics3", tmp_path_factory, tokenizer)
+    image = tmp_path / "img.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    calls = []
+
+    def fake_download(repo, revision=None, allow_patterns=None):
+        calls.append((repo, revision))
+        return str(folder)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    gen = ["generate", "--image", str(image), "--max-new-tokens", "3", "--threads", "1"]
+    assert main([*gen[:1], "HuggingFaceTB/SmolVLM-256M-Instruct@main", *gen[1:]]) == 0
+    assert calls == [("HuggingFaceTB/SmolVLM-256M-Instruct", "main")]
+    assert main([*gen[:1], str(folder), *gen[1:]]) == 0  # a folder never touches the Hub
+    assert len(calls) == 1
+    capsys.readouterr()
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(hub, "snapshot_download", no_network)
+    assert main([*gen[:1], "vikhyatk/moondream2@2024-05-08", *gen[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no network" in err and "hf download vikhyatk/moondream2 --revision 2024-05-08" in err
+    assert len(err.splitlines()) == 1
+    assert main([*gen[:1], "./no/such/folder", *gen[1:]]) == 2  # not a Hub id: no download
+    assert "checkpoint not found" in capsys.readouterr().err

@@ -30,10 +30,16 @@ def default_model_dir() -> Path:
 
 
 def resolve(model: str | Path) -> Path:
-    """``default`` or a checkpoint folder -> folder path (checked to exist)."""
+    """``default``, a checkpoint folder or a Hugging Face Hub id (``owner/name[@revision]``,
+    downloaded once into huggingface_hub's cache) -> folder path (checked to exist).
+
+    A local path always wins; only a name that is not on disk and has the shape of a Hub id
+    goes to the network, and a failure names both readings (local folder, Hub repository)."""
     path = default_model_dir() if str(model) == "default" else Path(model)
     if not path.exists():
-        raise TernvlmError(f"checkpoint not found: {path}")
+        from .hf_idefics3 import local_folder  # the Hub download and its error messages
+
+        return local_folder(model)
     if not path.is_dir():
         raise TernvlmError(f"checkpoint must be a folder with {CONFIG} and {WEIGHTS}: {path}")
     return path

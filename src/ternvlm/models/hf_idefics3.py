@@ -106,7 +106,8 @@ _EMBED, _HEAD = "model.text_model.embed_tokens.weight", "lm_head.weight"
 # An Idefics3Model (no LM head class around it) saves its tensors without the "model." prefix.
 _BARE_PREFIXES = ("vision_model.", "connector.", "text_model.")
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# owner/name, optionally @revision (a branch, tag or commit: vikhyatk/moondream2@2024-05-08)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_.-]+)?")
 _HUB_FILES = ["*.json", "*.safetensors"]
 
 
@@ -263,7 +264,8 @@ def config_from_hf(hf_config: Any) -> VLMConfig:
 
 
 def local_folder(path: str | Path) -> Path:
-    """A local checkpoint folder, or a Hub id (``owner/name``) downloaded by huggingface_hub."""
+    """A local checkpoint folder, or a Hub id (``owner/name[@revision]``) downloaded by
+    huggingface_hub (config, weights and tokenizer files only; cached by huggingface_hub)."""
     p = Path(path)
     if p.is_dir():
         return p
@@ -272,7 +274,12 @@ def local_folder(path: str | Path) -> Path:
     name = str(path)
     if not _HUB_ID.fullmatch(name) or ".." in name:
         raise TernvlmError(f"checkpoint not found: {p}")
-    hint = f"download it where there is network (`hf download {name} --local-dir DIR`) and pass DIR"
+    repo, _, revision = name.partition("@")
+    rev_arg = f" --revision {revision}" if revision else ""
+    hint = (
+        f"download it where there is network (`hf download {repo}{rev_arg} --local-dir DIR`) "
+        "and pass DIR"
+    )
     try:
         import huggingface_hub
         from huggingface_hub.errors import RepositoryNotFoundError
@@ -282,7 +289,11 @@ def local_folder(path: str | Path) -> Path:
             f"installed to fetch it from the Hub; {hint}"
         ) from None
     try:
-        return Path(huggingface_hub.snapshot_download(name, allow_patterns=_HUB_FILES))
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo, revision=revision or None, allow_patterns=_HUB_FILES
+            )
+        )
     except RepositoryNotFoundError:
         raise TernvlmError(
             f"checkpoint not found: {name} is neither a local folder nor a Hub repository "
