@@ -110,6 +110,11 @@ class VLMConfig:
     pad_token_id: int = 0
     architecture: str = "tinyvlm"
     quantization_config: dict[str, Any] | None = None  # set on ternary/binary checkpoints
+    # Text layout and image preprocessing of a Hugging Face processor the model was loaded with
+    # (SmolVLM: image splitting, chat template, stop tokens; see models/hf_idefics3_processor.py),
+    # kept so a saved or exported model is rebuilt with the same processor. None: the default
+    # ``<bos> <image> x N prompt`` layout. Left out of the saved JSON when None.
+    processor: dict[str, Any] | None = None
 
     @property
     def image_tokens(self) -> int:
@@ -158,7 +163,10 @@ class VLMConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["processor"] is None:  # configs saved before the field existed stay identical
+            del data["processor"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLMConfig:

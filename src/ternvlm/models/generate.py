@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,11 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = no top-k filter
     seed: int = 0
+    stop_ids: tuple[int, ...] = ()  # tokens that end generation besides the model's eos
+
+
+def stop_set(eos: int, g: GenerationConfig) -> set[int]:
+    return {eos, *g.stop_ids}
 
 
 def pick_token(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator) -> int:
@@ -37,9 +43,11 @@ def generate_ids(
     g: GenerationConfig,
     use_cache: bool = True,
 ) -> list[int]:
-    """New token ids after ``prompt_ids`` (stops at <eos> or the context end)."""
+    """New token ids after ``prompt_ids`` (stops at <eos>, a ``g.stop_ids`` token or the context
+    end; the stop token is not returned). ``pixels``: every image view the prompt's image tokens
+    take, in order ([K+1, 3, S, S] for one SmolVLM image split into K tiles)."""
     model.eval()
-    eos = model.cfg.eos_token_id
+    stop = stop_set(model.cfg.eos_token_id, g)
     room = model.cfg.decoder.max_seq_len - len(prompt_ids)
     steps = max(0, min(g.max_new_tokens, room))
     gen = torch.Generator().manual_seed(g.seed)
@@ -51,7 +59,7 @@ def generate_ids(
         logits = model(ids, image_features=feats, cache=cache)[0, -1]
         for _ in range(steps):
             nxt = pick_token(logits, g, gen)
-            if nxt == eos:
+            if nxt in stop:
                 break
             out.append(nxt)
             if len(out) == steps:
@@ -63,7 +71,7 @@ def generate_ids(
             torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1), image_features=feats
         )[0, -1]
         nxt = pick_token(logits, g, gen)
-        if nxt == eos:
+        if nxt in stop:
             break
         out.append(nxt)
     return out
@@ -77,8 +85,11 @@ def generate(
     g: GenerationConfig | None = None,
 ) -> str:
     g = g or GenerationConfig()
-    enc = processor.encode(prompt)
-    px = processor.pixels([image])
+    if processor.stop_ids:
+        g = dataclasses.replace(
+            g, stop_ids=tuple(dict.fromkeys((*g.stop_ids, *processor.stop_ids)))
+        )
+    enc, px = processor.prepare([image], prompt)
     if hasattr(model, "generate_ids"):  # a LiteRT-backed model (runtime.vlm.TfliteVLM)
         return processor.decode(model.generate_ids(enc.ids, px, g))
     return processor.decode(generate_ids(model, enc.ids, px, g))

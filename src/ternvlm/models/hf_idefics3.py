@@ -11,10 +11,17 @@ Idefics3 is a configuration of our one model family, not a second network:
 * merge: the image features replace the ``<image>`` token embeddings in order (transformers'
   ``masked_scatter``), as :meth:`VLM.embed` does.
 
-Only the folder layout of ``Idefics3ForConditionalGeneration.save_pretrained`` is read (config.json,
-model.safetensors or its sharded index, tokenizer.json, optional preprocessor_config.json):
-transformers itself is not needed. Not yet covered: transformers' image splitting / tiling (one
-image at the encoder's native size per prompt) and SmolVLM's chat template.
+Only the folder layout of ``Idefics3ForConditionalGeneration.save_pretrained`` and
+``Idefics3Processor.save_pretrained`` is read (config.json, model.safetensors or its sharded index,
+tokenizer.json, and when present processor_config.json / preprocessor_config.json, the chat
+template, tokenizer_config.json, generation_config.json): transformers itself is not needed.
+
+Preprocessing: when the tokenizer has Idefics3's image tokens (``<fake_token_around_image>``,
+``<global-img>``: every SmolVLM), :func:`load_idefics3` returns a
+:class:`~ternvlm.models.hf_idefics3_processor.SmolVLMProcessor`: transformers' image splitting
+(LANCZOS tiles plus a global view), prompt expansion, chat template and stop tokens, with its
+settings stored in ``VLMConfig.processor`` so saved and exported models keep them. Otherwise the
+plain ``<bos> <image> x N prompt`` layout with one bicubic-resized image of the encoder's size.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from .checkpoint import (
     state_dict_for_save,
     weight_problems,
 )
-from .processor import Processor
+from .hf_idefics3_processor import read_settings
+from .processor import Processor, processor_for
 from .tokenizer import load_tokenizer
 from .vlm import VLM
 
@@ -108,7 +116,7 @@ _BARE_PREFIXES = ("vision_model.", "connector.", "text_model.")
 
 # owner/name, optionally @revision (a branch, tag or commit: vikhyatk/moondream2@2024-05-08)
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_.-]+)?")
-_HUB_FILES = ["*.json", "*.safetensors"]
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja"]  # chat_template.jinja
 
 
 def hf_name(ours: str) -> str:
@@ -379,24 +387,28 @@ def _check_weights(net: VLM, sd: dict[str, torch.Tensor], where: str) -> None:
 
 
 def _image_norm(cfg: VLMConfig, folder: Path) -> VLMConfig:
-    """image_mean / image_std from preprocessor_config.json when there is one."""
-    path = folder / PREPROCESSOR
-    if not path.exists():
+    """image_mean / image_std of the image processor config when there is one
+    (processor_config.json's nested ``image_processor``, else preprocessor_config.json)."""
+    from .hf_idefics3_processor import image_processor_dict
+
+    pre = image_processor_dict(folder)
+    if pre is None:
         return cfg
-    pre = _read_json(path, "preprocessor config")
+    path = f"image processor config of {folder}"
     try:
         mean = tuple(float(x) for x in pre.get("image_mean", cfg.vision.image_mean))
         std = tuple(float(x) for x in pre.get("image_std", cfg.vision.image_std))
     except (TypeError, ValueError) as exc:
-        raise TernvlmError(f"corrupt preprocessor config {path}: {exc}") from None
+        raise TernvlmError(f"corrupt {path}: {exc}") from None
     if len(mean) != 3 or len(std) != 3:
-        raise TernvlmError(f"corrupt preprocessor config {path}: image_mean/std need 3 values")
+        raise TernvlmError(f"corrupt {path}: image_mean/std need 3 values")
     vision = dataclasses.replace(cfg.vision, image_mean=mean, image_std=std)
     return dataclasses.replace(cfg, vision=vision)
 
 
 def load_idefics3(path: str | Path) -> tuple[VLM, Processor]:
-    """Load an ``Idefics3ForConditionalGeneration.save_pretrained`` folder (or a Hub id)."""
+    """Load an ``Idefics3ForConditionalGeneration.save_pretrained`` folder (or a Hub id); the
+    processor is a SmolVLMProcessor when the folder's tokenizer has Idefics3's image tokens."""
     folder = local_folder(path)
     data = _read_json(folder / CONFIG, "model config")
     cfg = config_from_hf(data)
@@ -404,8 +416,11 @@ def load_idefics3(path: str | Path) -> tuple[VLM, Processor]:
     cfg, sd = _resolve_tie(cfg, data, sd)
     cfg = _image_norm(cfg, folder)
     tok = load_tokenizer(folder / TOKENIZER)
+    settings = read_settings(folder, cfg, tok)
+    if settings is not None:
+        cfg = dataclasses.replace(cfg, processor=settings)
     net = VLM(cfg)
     _check_weights(net, sd, where)
     load_weights(net, {our_name(k): val for k, val in sd.items()}, where)
     net.eval()
-    return net, Processor(cfg, tok)
+    return net, processor_for(cfg, tok)

@@ -30,9 +30,20 @@ class Encoded:
 
 
 class Processor:
+    # Token ids that end generation besides ``cfg.eos_token_id`` (SmolVLM: <end_of_utterance>).
+    stop_ids: tuple[int, ...] = ()
+
     def __init__(self, cfg: VLMConfig, tokenizer: Tokenizer) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
+
+    def prepare(
+        self, images: list[Image.Image], prompt: str, target: str | None = None
+    ) -> tuple[Encoded, torch.Tensor]:
+        """Ids and pixels of one prompt about ``images``, laid out together: what generation
+        uses. Here ``encode`` + ``pixels``; a processor whose text depends on the image (SmolVLM
+        image splitting) overrides it."""
+        return self.encode(prompt, target), self.pixels(images)
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         v = self.cfg.vision
@@ -66,4 +77,8 @@ def processor_for(cfg: VLMConfig, tokenizer: Tokenizer) -> Processor:
         from .hf_moondream import MoondreamProcessor  # its prompt template
 
         return MoondreamProcessor(cfg, tokenizer)
+    if cfg.architecture == "idefics3" and cfg.processor is not None:
+        from .hf_idefics3_processor import SmolVLMProcessor  # splitting, chat template
+
+        return SmolVLMProcessor(cfg, tokenizer)
     return Processor(cfg, tokenizer)

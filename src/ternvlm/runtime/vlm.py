@@ -7,6 +7,14 @@ signatures. It quacks like ``models.vlm.VLM`` where evaluation and generation ne
 
 The KV cache lives on the host (one array per layer and kind, [1, kvh, L, D]); decode reads it and
 returns the new position's keys/values, which we write at ``pos``.
+
+Images: the exported prefill graph has a static ``[1, image_tokens, hidden]`` image-feature input,
+room for exactly one image view per prompt. SmolVLM (Idefics3) image splitting (K tiles + a global
+view, each ``image_tokens`` long) therefore does not run on a .tflite: the processor rebuilt from
+the file's metadata has splitting turned off (one view per image, as transformers'
+``do_image_splitting=False``; prompt layout and chat template are kept), and a prompt or feature
+tensor with more image slots than the file was exported for raises a TernvlmError instead of
+giving a wrong answer.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from tokenizers import Tokenizer
 
 from ..config import VLMConfig
 from ..errors import TernvlmError
-from ..models.generate import GenerationConfig, pick_token
+from ..models.generate import GenerationConfig, pick_token, stop_set
 from ..models.processor import processor_for
 
 Runner = Callable[..., dict[str, np.ndarray]]  # runner(signature, **inputs) -> outputs
@@ -103,6 +111,8 @@ class TfliteVLM:
         self.path = Path(path)
         self.cfg, self.export_info, tok = read_tflite_metadata(self.path)
         self.processor = processor_for(self.cfg, tok)
+        if getattr(self.processor, "split", False):
+            self.processor.split = False  # one image view: the static prefill input (see above)
         self.prefill_len = int(self.export_info["prefill_len"])
         self.cache_len = int(self.export_info["cache_len"])
         self.last_logits_only = self.export_info.get("prefill_logits") == "last"
@@ -169,6 +179,11 @@ class TfliteVLM:
             image_features = self.encode_image(pixel_values)
         ids = input_ids.numpy()
         feats = image_features.detach().float().numpy()
+        if feats.shape[0] != ids.shape[0]:
+            raise TernvlmError(
+                f"{self.path} takes one image view per prompt: got {feats.shape[0]} image "
+                f"feature rows for {ids.shape[0]} prompts (image splitting is not supported)"
+            )
         rows = [self.prefill(list(map(int, r)), feats[j : j + 1])[0] for j, r in enumerate(ids)]
         return torch.from_numpy(np.stack(rows))
 
@@ -180,6 +195,15 @@ class TfliteVLM:
         if n > self.prefill_len:
             raise TernvlmError(
                 f"prompt of {n} tokens exceeds the exported prefill length {self.prefill_len}"
+            )
+        room = self.cfg.image_tokens
+        slots = sum(1 for t in ids if t == self.cfg.image_token_id)
+        if slots > room or image_features.shape[:-1] != (1, room):
+            views = int(np.prod(image_features.shape[:-1])) // max(room, 1)
+            raise TernvlmError(
+                f"{self.path} was exported for one image view of {room} image tokens per prompt; "
+                f"got {slots} image-token slots and {views} image view(s) (SmolVLM image "
+                "splitting is not supported on .tflite: turn it off, processor.split = False)"
             )
         x = np.full((1, self.prefill_len), self.cfg.pad_token_id, np.int32)
         x[0, :n] = ids
@@ -222,7 +246,7 @@ class TfliteVLM:
         self, prompt_ids: list[int], pixels: torch.Tensor, g: GenerationConfig
     ) -> list[int]:
         """Like models.generate.generate_ids with the cache, on LiteRT."""
-        eos = self.cfg.eos_token_id
+        stop = stop_set(self.cfg.eos_token_id, g)
         room = min(self.cfg.decoder.max_seq_len, self.cache_len) - len(prompt_ids)
         steps = max(0, min(g.max_new_tokens, room))
         gen = torch.Generator().manual_seed(g.seed)
@@ -232,7 +256,7 @@ class TfliteVLM:
         out: list[int] = []
         for _ in range(steps):
             nxt = pick_token(torch.from_numpy(logits), g, gen)
-            if nxt == eos:
+            if nxt in stop:
                 break
             out.append(nxt)
             if len(out) == steps:
