@@ -15,7 +15,7 @@ namespace tvr {
 
 const char* const kOpNames[kNumOps] = {"TernaryMatMul", "TernaryMatMul158", "BinaryMatMul",
                                        "TernaryUnpack", "Int8MatMul",       "Int4MatMul",
-                                       "PackedEmbedding"};
+                                       "PackedEmbedding", "DecodeAttention"};
 
 namespace {
 
@@ -40,6 +40,7 @@ bool IsMatMul(OpKind kind) { return MatMulFormat(kind) >= 0; }
 
 // Inputs of each op: x, w, scale, bias (matmul); w, scale (unpack); ids, w, scale (embedding).
 size_t NumInputs(OpKind kind) {
+  if (kind == kDecodeAttention) return 6;
   return IsMatMul(kind) ? 4 : kind == kPackedEmbedding ? 3 : 2;
 }
 size_t WeightIndex(OpKind kind) { return kind == kTernaryUnpack ? 0 : 1; }
@@ -111,7 +112,41 @@ std::string ExpectConstant(const TensorDesc& t, const char* role, size_t bytes) 
 
 bool SameOptions(const OpOptions& a, const OpOptions& b) {
   return a.format == b.format && a.k == b.k && a.has_bias == b.has_bias &&
-         a.act_int8 == b.act_int8 && a.clip == b.clip;
+         a.act_int8 == b.act_int8 && a.clip == b.clip && a.heads == b.heads &&
+         a.kv_heads == b.kv_heads && a.head_dim == b.head_dim && a.rot_dim == b.rot_dim &&
+         a.scale == b.scale;
+}
+
+std::string ParseAttentionOptions(const unsigned char* b, OpOptions* out) {
+  int32_t v[6];
+  float scale;
+  std::memcpy(v, b + 4, 20);
+  std::memcpy(&scale, b + 24, 4);
+  std::memcpy(&v[5], b + 28, 4);
+  if (std::memcmp(b, "TVA1", 4) != 0) return "custom options do not start with \"TVA1\"";
+  if (v[0] != 1) return "custom options version " + std::to_string(v[0]) + ", expected 1";
+  const int heads = v[1], kv_heads = v[2], head_dim = v[3], rot_dim = v[4];
+  if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0 || heads > (1 << 20)) {
+    return "heads " + std::to_string(heads) + " and kv_heads " + std::to_string(kv_heads) +
+           ": heads must be a positive multiple of kv_heads";
+  }
+  if (head_dim < 1 || head_dim > (1 << 20) || rot_dim < 0 || rot_dim > head_dim ||
+      rot_dim % 2 != 0) {
+    return "head_dim " + std::to_string(head_dim) + ", rot_dim " + std::to_string(rot_dim) +
+           ": need 0 <= rot_dim <= head_dim, rot_dim even";
+  }
+  if (!std::isfinite(scale) || scale <= 0) return "scale is not a positive finite number";
+  if (v[5] != 0) return "reserved field is " + std::to_string(v[5]) + ", expected 0";
+  out->heads = heads;
+  out->kv_heads = kv_heads;
+  out->head_dim = head_dim;
+  out->rot_dim = rot_dim;
+  out->scale = scale;
+  return "";
+}
+
+int64_t AttentionWidth(const OpOptions& o) {
+  return static_cast<int64_t>(o.heads + 2 * o.kv_heads) * o.head_dim;
 }
 
 }  // namespace
@@ -122,6 +157,7 @@ std::string ParseOptions(OpKind kind, const void* data, size_t size, OpOptions* 
            std::to_string(kOptionsSize) + "-byte TVK1 record";
   }
   const auto* b = static_cast<const unsigned char*>(data);
+  if (kind == kDecodeAttention) return ParseAttentionOptions(b, out);
   int32_t version, format, flags, reserved;
   int64_t k;
   float clip;
@@ -153,8 +189,63 @@ std::string ParseOptions(OpKind kind, const void* data, size_t size, OpOptions* 
   return "";
 }
 
+namespace {
+
+// DecodeAttention's operands against its options (see litert_ops.h).
+std::string ValidateAttention(const OpOptions& opt, const std::vector<TensorDesc>& in,
+                              const std::vector<TensorDesc>& out) {
+  if (in.size() != 6 || out.size() != 1) {
+    return std::to_string(in.size()) + " inputs and " + std::to_string(out.size()) +
+           " outputs, expected 6 and 1";
+  }
+  const int64_t width = AttentionWidth(opt);
+  const char* roles[6] = {"qkv", "cos", "sin", "k_cache", "v_cache", "pos"};
+  const int ranks[6] = {3, 2, 2, 4, 4, 1};
+  std::string e;
+  for (int i = 0; i < 6; ++i) {
+    const int type = i == 5 ? kLiteRtElementTypeInt32 : kLiteRtElementTypeFloat32;
+    if (!(e = Expect(in[i], roles[i], type, ranks[i])).empty()) return e;
+  }
+  if (!(e = Expect(out[0], "output", kLiteRtElementTypeFloat32, 3)).empty()) return e;
+  const auto& q = in[0].type.layout;
+  const auto& kc = in[3].type.layout;
+  const auto& vc = in[4].type.layout;
+  const auto& y = out[0].type.layout;
+  auto dims = [](const LiteRtLayout& l, std::initializer_list<int64_t> want) {
+    int i = 0;
+    for (int64_t w : want) {
+      if (w >= 0 && l.dimensions[i] != w) return false;
+      ++i;
+    }
+    return true;
+  };
+  if (!dims(q, {1, 1, width}) || !dims(y, {1, 1, width})) {
+    return "qkv " + ShapeString(q) + " and output " + ShapeString(y) + " must be [1, 1, " +
+           std::to_string(width) + "]";
+  }
+  if (!dims(in[1].type.layout, {1, opt.rot_dim}) || !dims(in[2].type.layout, {1, opt.rot_dim})) {
+    return "cos/sin must be [1, " + std::to_string(opt.rot_dim) + "]";
+  }
+  if (!dims(kc, {1, opt.kv_heads, -1, opt.head_dim}) || kc.dimensions[2] < 1 ||
+      !dims(vc, {1, opt.kv_heads, kc.dimensions[2], opt.head_dim})) {
+    return "caches " + ShapeString(kc) + ", " + ShapeString(vc) + " must be [1, " +
+           std::to_string(opt.kv_heads) + ", L, " + std::to_string(opt.head_dim) + "]";
+  }
+  if (!dims(in[5].type.layout, {1})) return "pos must be [1]";
+  return "";
+}
+
+}  // namespace
+
 std::string ValidateNode(OpKind kind, const OpOptions& opt, const std::vector<TensorDesc>& in,
                          const std::vector<TensorDesc>& out, Node* node) {
+  if (kind == kDecodeAttention) {
+    std::string e = ValidateAttention(opt, in, out);
+    if (!e.empty()) return e;
+    node->kind = kind;
+    node->opt = opt;
+    return "";
+  }
   const bool unpack = kind == kTernaryUnpack;
   const size_t want_in = NumInputs(kind);
   if (in.size() != want_in || out.size() != 1) {
@@ -366,6 +457,11 @@ LiteRtStatus GetOutputLayouts(void* user_data, size_t num_inputs, const LiteRtLa
   if (num_inputs != NumInputs(kind) || num_outputs != 1 || in == nullptr || out == nullptr) {
     return Fail(u->ctx, kind, "unexpected number of inputs or outputs");
   }
+  if (kind == kDecodeAttention) {  // the output has the shape of qkv
+    *out = in[0];
+    out->has_strides = 0;
+    return kLiteRtStatusOk;
+  }
   const LiteRtLayout& w = in[WeightIndex(kind)];
   const LiteRtLayout& s = in[WeightIndex(kind) + 1];
   if (w.rank != 2 || s.rank != 2 || s.dimensions[0] != w.dimensions[0] || s.dimensions[1] < 1) {
@@ -418,11 +514,60 @@ int64_t Rows(const LiteRtLayout& l, unsigned rank) {
   return m;
 }
 
+LiteRtStatus RunAttention(OpContext* ctx, const LiteRtTensorBuffer* inputs,
+                          LiteRtTensorBuffer* outputs) {
+  const OpKind kind = kDecodeAttention;
+  const Node* node = ctx->Find(kind, nullptr, nullptr, 0, 0, 0, 0);
+  if (node == nullptr) return Fail(ctx, kind, "the model has no DecodeAttention node");
+  const OpOptions& opt = node->opt;
+  Operand in[6], y{};
+  const LiteRtApi& api = ctx->api();
+  bool ok = GetOperand(api, outputs[0], &y);
+  for (int i = 0; ok && i < 6; ++i) ok = GetOperand(api, inputs[i], &in[i]);
+  if (!ok) return Fail(ctx, kind, "an operand is not a readable host-memory buffer");
+  const LiteRtLayout& kl = in[3].type.layout;
+  if (kl.rank != 4 || kl.dimensions[1] != opt.kv_heads || kl.dimensions[3] != opt.head_dim ||
+      kl.dimensions[2] < 1) {
+    return Fail(ctx, kind, node->where + ": cache " + ShapeString(kl) + " does not fit");
+  }
+  const int64_t cache_len = kl.dimensions[2], width = AttentionWidth(opt);
+  const size_t cache_bytes = static_cast<size_t>(opt.kv_heads * cache_len * opt.head_dim) * 4;
+  const bool sizes_ok = in[0].size >= static_cast<size_t>(width) * 4 &&
+                        y.size >= static_cast<size_t>(width) * 4 &&
+                        in[1].size >= static_cast<size_t>(opt.rot_dim) * 4 &&
+                        in[2].size >= static_cast<size_t>(opt.rot_dim) * 4 &&
+                        in[3].size >= cache_bytes && in[4].size >= cache_bytes && in[5].size >= 4;
+  if (!sizes_ok) return Fail(ctx, kind, node->where + ": a buffer is smaller than its shape");
+  const int32_t pos = *static_cast<const int32_t*>(in[5].data);
+  if (pos < 0 || pos >= cache_len) {
+    return Fail(ctx, kind,
+                "position " + std::to_string(pos) + " is outside the KV cache of " +
+                    std::to_string(cache_len) + " slots");
+  }
+  const int code = tvk_decode_attention(
+      static_cast<const float*>(in[0].data), static_cast<const float*>(in[1].data),
+      static_cast<const float*>(in[2].data), static_cast<const float*>(in[3].data),
+      static_cast<const float*>(in[4].data), pos, opt.heads, opt.kv_heads, opt.head_dim,
+      opt.rot_dim, cache_len, opt.scale, static_cast<float*>(y.data));
+  if (code != TVK_OK) {
+    return Fail(ctx, kind,
+                node->where + ": " + tvk_error_string(code) + " (tvk error " +
+                    std::to_string(code) + ")");
+  }
+  return kLiteRtStatusOk;
+}
+
 LiteRtStatus Run(void* user_data, size_t num_inputs, const LiteRtTensorBuffer* inputs,
                  size_t num_outputs, LiteRtTensorBuffer* outputs) {
   auto* u = static_cast<OpUserData*>(user_data);
   OpContext* ctx = u->ctx;
   const OpKind kind = u->kind;
+  if (kind == kDecodeAttention) {
+    if (num_inputs != 6 || num_outputs != 1 || inputs == nullptr || outputs == nullptr) {
+      return Fail(ctx, kind, "unexpected number of inputs or outputs");
+    }
+    return RunAttention(ctx, inputs, outputs);
+  }
   const bool unpack = kind == kTernaryUnpack, embed = kind == kPackedEmbedding;
   if (num_inputs != NumInputs(kind) || num_outputs != 1 || inputs == nullptr ||
       outputs == nullptr) {

@@ -10,6 +10,14 @@
 //                     (any format)
 //   PackedEmbedding   (ids int32 [...], w int8 [V, row bytes], scale f32 [V, C])
 //                     -> f32 [..., K]: rows ids of dequant(w) (any format)
+//   DecodeAttention   (qkv f32 [1, 1, (H+2G)*D], cos f32 [1, R], sin f32 [1, R],
+//                     k_cache f32 [1, G, L, D], v_cache f32 [1, G, L, D], pos int32 [1])
+//                     -> f32 [1, 1, (H+2G)*D] = [attention output | rotary(k) | v]
+//                     (tvk.h tvk_decode_attention); its options are their own 32 bytes:
+//                     char magic[4] = "TVA1"; int32 version = 1; int32 heads, kv_heads,
+//                     head_dim, rot_dim; float scale; int32 reserved = 0. All its nodes in
+//                     a model must share these options (they have no weights to tell them
+//                     apart at run time).
 //
 // w holds the packed bytes of kernels/tvk.h (declared int8 because the converter
 // refuses uint8 constants; the bits are the same). C divides K. Custom options
@@ -51,6 +59,7 @@ enum OpKind : int {
   kInt8MatMul,
   kInt4MatMul,
   kPackedEmbedding,
+  kDecodeAttention,
   kNumOps
 };
 extern const char* const kOpNames[kNumOps];
@@ -63,6 +72,9 @@ struct OpOptions {
   bool has_bias = false;
   bool act_int8 = false;  // quantize activations per row to int8 (tvk.h TVK_ACT_INT8)
   float clip = 0.0f;  // <= 0: none
+  // DecodeAttention
+  int heads = 0, kv_heads = 0, head_dim = 0, rot_dim = 0;
+  float scale = 0.0f;
 };
 
 // Parses and checks a node's custom options; "" on success, else the reason.

@@ -112,6 +112,15 @@ TVK_API int tvk_unpack(int format, const uint8_t* w, int64_t N, int64_t K, const
                        int64_t scale_cols, float* out, int threads);
 
 // out[n, k] = q[n, k] * scale[n, k / G]  (dequantized float32 [N, K]).
+// Decode attention of one token (kernels/attention.cc): qkv [(H + 2G) * D] = [q | k | v] of
+// the token at position `pos`; caches [G, cache_len, D] hold positions < pos (slots >= pos are
+// ignored). Rotary embedding (rotate-half on the first rot_dim dims, cos/sin [rot_dim]) is
+// applied to q and k; out [(H + 2G) * D] = [softmax(q.K^T * scale) V per head | rotary(k) | v].
+TVK_API int tvk_decode_attention(const float* qkv, const float* cos, const float* sin,
+                                 const float* k_cache, const float* v_cache, int64_t pos,
+                                 int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                 int64_t rot_dim, int64_t cache_len, float scale, float* out);
+
 TVK_API int tvk_ternary_unpack_2bit(const uint8_t* w, int64_t N, int64_t K,
                                     const float* scale, int64_t scale_cols,
                                     float* out, int threads);

@@ -263,6 +263,8 @@ def test_tflite_matches_pytorch(exported, name, backend):
     tv = TfliteVLM(files[name], backend=backend, threads=2 if variant == "ternary" else 1)
     assert tv.cfg.to_dict() == model.cfg.to_dict() and tv.prefill_len == 40
     assert tv.export_info["ops"] == variant
+    fused = variant in ("ternary", "ternary158", "binary")  # q/k/v fused: one attention node
+    assert ("DecodeAttention" in tv.export_info["custom_ops"]) == fused
     parts = tv.export_info["parts"]
     assert set(parts) == {"vision", "connector", "layers", "embedding", "head"}
     want_head = {"auto": "fp32" if variant in ("fp32", "ternary-builtin") else "int8"}.get(

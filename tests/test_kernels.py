@@ -488,3 +488,72 @@ def test_new_entry_points_reject_bad_arguments():
         lib.tvk_gather(3, None, 1, packed.ctypes.data, 3, k, scale.ctypes.data, 1, y.ctypes.data)
         < 0
     )
+
+
+def attention_reference(qkv, cos, sin, kc, vc, pos, heads, kv_heads, scale):
+    """numpy: rotary on q and k, softmax over cache slots < pos plus the token itself."""
+    d, rot = kc.shape[-1], cos.shape[0]
+    q, k, v = np.split(qkv.astype(np.float64), [heads * d, (heads + kv_heads) * d])
+    q, k, v = q.reshape(heads, d), k.reshape(kv_heads, d), v.reshape(kv_heads, d)
+
+    def rotary(x):
+        r, half = x[:, :rot], rot // 2
+        turned = np.concatenate([-r[:, half:], r[:, :half]], axis=1)
+        return np.concatenate([r * cos + turned * sin, x[:, rot:]], axis=1)
+
+    q, k = rotary(q), rotary(k)
+    o = np.empty((heads, d))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        keys = np.concatenate([kc[g, :pos], k[g : g + 1]])
+        values = np.concatenate([vc[g, :pos], v[g : g + 1]])
+        s = keys @ q[h] * scale
+        w = np.exp(s - s.max())
+        o[h] = (w / w.sum()) @ values
+    return np.concatenate([o.ravel(), k.ravel(), v.ravel()])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    heads_per_group=st.integers(1, 4),
+    kv_heads=st.integers(1, 3),
+    d=st.sampled_from([1, 2, 7, 8, 16, 33, 64]),
+    rot_frac=st.sampled_from([0.0, 0.5, 1.0]),
+    cache_len=st.integers(1, 40),
+    pos_frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_decode_attention_paths_equal_numpy(
+    heads_per_group, kv_heads, d, rot_frac, cache_len, pos_frac, seed
+):
+    """DecodeAttention (kernels/attention.cc), scalar and AVX2, == numpy on random shapes,
+    including pos 0 (only the token itself) and the last cache slot."""
+    rng = np.random.default_rng(seed)
+    heads = heads_per_group * kv_heads
+    rot = int(d * rot_frac) // 2 * 2
+    pos = min(cache_len - 1, int(pos_frac * cache_len))
+    qkv = rng.standard_normal((heads + 2 * kv_heads) * d).astype(np.float32) * 2
+    kc = rng.standard_normal((kv_heads, cache_len, d)).astype(np.float32)
+    vc = rng.standard_normal((kv_heads, cache_len, d)).astype(np.float32)
+    angle = rng.uniform(-3, 3, rot // 2).astype(np.float32)
+    cos = np.concatenate([np.cos(angle)] * 2).astype(np.float32)
+    sin = np.concatenate([np.sin(angle)] * 2).astype(np.float32)
+    ref = attention_reference(qkv, cos, sin, kc, vc, pos, heads, kv_heads, d**-0.5)
+    outs = []
+    for path in ("scalar", "auto"):
+        kernels.force_path(path)
+        outs.append(kernels.decode_attention(qkv, cos, sin, kc, vc, pos, heads, kv_heads, d**-0.5))
+    for y in outs:
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_bad_input():
+    kc = np.zeros((2, 8, 4), np.float32)
+    qkv, cs = np.zeros(6 * 4, np.float32), np.zeros(4, np.float32)
+    with pytest.raises(TernvlmError, match="tvk_decode_attention"):
+        kernels.decode_attention(qkv, cs, cs, kc, kc, 8, 2, 2, 0.5)  # pos past the cache
+    with pytest.raises(TernvlmError, match="tvk_decode_attention"):
+        kernels.decode_attention(np.zeros(28, np.float32), cs, cs, kc, kc, 0, 3, 2, 0.5)  # 3 / 2
+    with pytest.raises(TernvlmError, match="qkv has shape"):
+        kernels.decode_attention(qkv[:20], cs, cs, kc, kc, 0, 2, 2, 0.5)

@@ -143,6 +143,55 @@ def _packed_unpack_fake(w, scale, fmt_id, k):
     return scale.new_empty((w.shape[0], k))
 
 
+ATTENTION_CODE = "DecodeAttention"
+
+
+def attention_options(heads: int, kv_heads: int, head_dim: int, rot_dim: int, scale: float):
+    """DecodeAttention's 32-byte options record (kernels/litert_ops.h)."""
+    return struct.pack("<4siiiiifi", b"TVA1", 1, heads, kv_heads, head_dim, rot_dim, scale, 0)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
+    r, half = x[..., :rot], rot // 2
+    rotated = torch.cat([-r[..., half:], r[..., :half]], dim=-1)
+    return torch.cat([r * cos + rotated * sin, x[..., rot:]], dim=-1)
+
+
+@torch.library.custom_op("ternvlm::decode_attention", mutates_args=())
+def decode_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    rot_dim: int,
+    scale: float,
+) -> torch.Tensor:
+    """One token at position ``pos`` attending to cache slots < pos and to itself, rotary
+    embedding applied to q and k: [o | rotary(k) | v] (kernels/attention.cc; models/decoder.py
+    Attention with a KV cache computes the same)."""
+    d, g, p = head_dim, kv_heads, int(pos.reshape(-1)[0])
+    q, k, v = qkv.reshape(-1).float().split([heads * d, g * d, g * d])
+    c, s = cos.reshape(-1), sin.reshape(-1)
+    qr = _rotary(q.view(heads, d), c, s, rot_dim)
+    kr = _rotary(k.view(g, d), c, s, rot_dim)
+    v = v.view(g, d)
+    keys = torch.cat([k_cache[0, :, :p], kr[:, None]], dim=1)  # [g, p + 1, d]
+    values = torch.cat([v_cache[0, :, :p], v[:, None]], dim=1)
+    w = torch.softmax(qr.view(g, heads // g, d) @ keys.transpose(-1, -2) * scale, dim=-1)
+    o = (w @ values).reshape(-1)
+    return torch.cat([o, kr.reshape(-1), v.reshape(-1)]).reshape(qkv.shape)
+
+
+@decode_attention.register_fake
+def _decode_attention_fake(qkv, cos, sin, k_cache, v_cache, pos, heads, kv_heads, hd, rd, sc):
+    return qkv.new_empty(qkv.shape)
+
+
 def _register_lowerings() -> None:
     """Teach litert-torch to emit tfl.custom for our ops (imported only when exporting)."""
     from litert_converter.mlir import ir
@@ -171,6 +220,11 @@ def _register_lowerings() -> None:
     def _lower_embedding(lctx, ids, w, scale, fmt_id, k):
         opts = OpOptions(_FMT_BY_ID[fmt_id], k).to_bytes()
         return custom(lctx, [ids, w, scale], EMBEDDING_CODE, opts)
+
+    @lowerings.lower(torch.ops.ternvlm.decode_attention)
+    def _lower_attention(lctx, qkv, cos, sin, kc, vc, pos, heads, kv_heads, hd, rd, scale):
+        opts = attention_options(heads, kv_heads, hd, rd, scale)
+        return custom(lctx, [qkv, cos, sin, kc, vc, pos], ATTENTION_CODE, opts)
 
     @lowerings.lower(torch.ops.ternvlm.packed_unpack)
     def _lower_unpack(lctx, w, scale, fmt_id, k):

@@ -64,6 +64,8 @@ def _library() -> ctypes.CDLL:
     lib.tvk_unpack.restype = i32
     lib.tvk_gather.argtypes = [i32, p, i64, p, i64, i64, p, i64, p]
     lib.tvk_gather.restype = i32
+    lib.tvk_decode_attention.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, p]
+    lib.tvk_decode_attention.restype = i32
     lib.tvk_row_bytes.argtypes = [i32, i64]
     lib.tvk_row_bytes.restype = i64
     lib.tvk_error_string.argtypes = [i32]
@@ -226,6 +228,43 @@ def gather(ids, packed, k, scale, fmt: str) -> np.ndarray:
         out.ctypes.data,
     )
     _check(code, "tvk_gather")
+    return out
+
+
+def decode_attention(
+    qkv, cos, sin, k_cache, v_cache, pos: int, heads: int, kv_heads: int, scale: float
+) -> np.ndarray:
+    """One token's attention against a KV cache (the DecodeAttention op; tvk.h).
+
+    qkv [(heads + 2 kv_heads) * D] = [q | k | v]; cos/sin [rot]; caches [kv_heads, L, D].
+    Returns [o | rotary(k) | v], same length as qkv."""
+    heads, kv_heads, pos = _int("heads", heads), _int("kv_heads", kv_heads), _int("pos", pos)
+    if not isinstance(k_cache, np.ndarray) or k_cache.ndim != 3:
+        raise TernvlmError("k_cache must be a 3-D float32 array [kv_heads, L, D]")
+    _, cache_len, d = k_cache.shape
+    _array("k_cache", k_cache, np.float32, (kv_heads, cache_len, d))
+    _array("v_cache", v_cache, np.float32, (kv_heads, cache_len, d))
+    _array("qkv", qkv, np.float32, ((heads + 2 * kv_heads) * d,))
+    rot = cos.shape[0] if isinstance(cos, np.ndarray) and cos.ndim == 1 else -1
+    _array("cos", cos, np.float32, (rot,))
+    _array("sin", sin, np.float32, (rot,))
+    out = np.empty_like(qkv)
+    code = _library().tvk_decode_attention(
+        qkv.ctypes.data,
+        cos.ctypes.data,
+        sin.ctypes.data,
+        k_cache.ctypes.data,
+        v_cache.ctypes.data,
+        pos,
+        heads,
+        kv_heads,
+        d,
+        rot,
+        cache_len,
+        float(scale),
+        out.ctypes.data,
+    )
+    _check(code, "tvk_decode_attention")
     return out
 
 
