@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .errors import TernvlmError
 
+_HUB = "; Hub ids: owner/name[@revision] (SmolVLM, LLaVA, Moondream2 2024-05-08)"
+
 
 def _add_pretrain(sub) -> None:
     p = sub.add_parser(
@@ -54,7 +56,9 @@ def _add_ternarize(sub) -> None:
     p = sub.add_parser(
         "ternarize", help="distil a pre-trained VLM into a ternary or binary one (QAT + KD)"
     )
-    p.add_argument("model", help="'default' or a float checkpoint folder")
+    p.add_argument(
+        "model", help="'default', a float checkpoint folder or a Hugging Face Hub id" + _HUB
+    )
     p.add_argument("--out", required=True, help="output folder (checkpoint/, final/, log.csv)")
     p.add_argument("--preset", default=None, help="seed (the paper's recipe), ternvlm or binary")
     p.add_argument("--bits", default=None, choices=["ternary", "binary"])
@@ -76,6 +80,27 @@ def _add_ternarize(sub) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-workers", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="continue out/checkpoint")
+    p.add_argument(
+        "--teacher-dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="frozen teacher's stored weights (bf16: half their memory, still computes in fp32)",
+    )
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute the student's blocks in the backward pass (less memory, ~1/3 more time)",
+    )
+    p.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="keep the student's vision encoder frozen in float (not quantized)",
+    )
+    p.add_argument(
+        "--freeze-connector",
+        action="store_true",
+        help="keep the student's connector frozen in float (not quantized)",
+    )
 
 
 def quant_config_from_args(a: argparse.Namespace):
@@ -102,6 +127,12 @@ def cmd_ternarize(a: argparse.Namespace) -> int:
 
     if a.steps < 1:
         raise TernvlmError("--steps must be at least 1")
+    parts = a.parts.split(",") if a.parts else []
+    for on, part in ((a.freeze_vision, "vision"), (a.freeze_connector, "connector")):
+        if on and part in parts:
+            raise TernvlmError(
+                f"--parts {a.parts} quantizes the {part}, which --freeze-{part} keeps float"
+            )
     c = TernarizeConfig(
         steps=a.steps,
         lr=a.lr,
@@ -117,7 +148,11 @@ def cmd_ternarize(a: argparse.Namespace) -> int:
         threads=a.threads,
         data_workers=a.data_workers,
         quant=quant_config_from_args(a),
-    )
+        teacher_dtype=a.teacher_dtype,
+        grad_checkpointing=a.grad_checkpointing,
+        freeze_vision=a.freeze_vision,
+        freeze_connector=a.freeze_connector,
+    ).validate()
     command = "ternvlm " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     metrics = ternarize(a.model, a.out, c, resume=a.resume, command=command)
     if metrics:
@@ -198,7 +233,9 @@ def _add_export(sub) -> None:
     from .export.linear import ACTS, HEADS, VARIANTS
 
     p = sub.add_parser("export", help="write a model as one .tflite for LiteRT")
-    p.add_argument("model", help="'default' or a checkpoint folder (ternary/binary or float)")
+    p.add_argument(
+        "model", help="'default' or a checkpoint folder (ternary/binary or float)" + _HUB
+    )
     p.add_argument("--out", required=True, help="FILE.tflite")
     p.add_argument("--ops", default="ternary", choices=list(VARIANTS))
     p.add_argument("--prefill-len", type=int, default=0, help="prompt slots (0: the context)")
@@ -231,7 +268,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and QA accuracy of a model on a data set")
-    p.add_argument("model", help="'default', a checkpoint folder or an exported .tflite")
+    p.add_argument("model", help="'default', a checkpoint folder or an exported .tflite" + _HUB)
     _add_backend(p)
     p.add_argument(
         "--data", default="shapes:test", help="shapes:train|val|test or imagefolder:PATH"
@@ -279,7 +316,7 @@ def format_metrics(m: dict) -> str:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="answer a question or caption an image")
-    p.add_argument("model", help="'default', a checkpoint folder or an exported .tflite")
+    p.add_argument("model", help="'default', a checkpoint folder or an exported .tflite" + _HUB)
     _add_backend(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image", required=True, help="PNG or JPEG of any size and mode")
@@ -351,7 +388,7 @@ def _add_bench(sub) -> None:
         "bench",
         help="memory, time to first token, decode speed, perplexity of every variant, one run",
     )
-    p.add_argument("model", nargs="?", default="default", help="trained float checkpoint")
+    p.add_argument("model", nargs="?", default="default", help="trained float checkpoint" + _HUB)
     p.add_argument("--preset", default=None, help="smolvlm-256m | smolvlm-500m: random weights")
     p.add_argument("--ternary", default=None, help="trained ternary checkpoint (else k-means PTQ)")
     p.add_argument("--binary", default=None, help="trained binary checkpoint (else k-means PTQ)")

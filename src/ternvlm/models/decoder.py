@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import DecoderConfig
 from .kvcache import KVCache
@@ -81,6 +82,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False  # see VLM.set_gradient_checkpointing
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         c = self.cfg
@@ -104,8 +106,14 @@ class Decoder(nn.Module):
             kpos = torch.arange(start + t)
             attn_mask = kpos[None, :] <= positions[:, None]
         x = embeds
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope, positions, cache, i, attn_mask)
+            if recompute:  # keep only the block inputs; recompute the rest in the backward pass
+                x = checkpoint(
+                    layer, x, self.rope, positions, None, i, attn_mask, use_reentrant=False
+                )
+            else:
+                x = layer(x, self.rope, positions, cache, i, attn_mask)
         if cache is not None:
             cache.length = start + t
         return self.lm_head(self.norm(x))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
 from .layers import MLP
@@ -101,6 +102,7 @@ class VisionEncoder(nn.Module):
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
         if cfg.post_norm:
             self.post_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.gradient_checkpointing = False  # see VLM.set_gradient_checkpointing
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W] normalised -> features [B, cfg.num_tokens, hidden]."""
@@ -115,8 +117,9 @@ class VisionEncoder(nn.Module):
             x = x + self.position_embedding.weight[None]
         if cfg.pre_norm:
             x = self.pre_layernorm(x)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         if cfg.post_norm:
             x = self.post_layernorm(x)
         return x[:, 1:] if cfg.drop_first_token else x

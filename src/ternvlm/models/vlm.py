@@ -29,6 +29,19 @@ class VLM(nn.Module):
         self.decoder = Decoder(cfg.decoder)
         self.apply(_init_weights)
 
+    def set_gradient_checkpointing(
+        self, enabled: bool = True, parts: tuple[str, ...] = ("vision", "decoder")
+    ) -> None:
+        """Activation checkpointing (``torch.utils.checkpoint``, non-reentrant) of the blocks of
+        ``parts``: a training forward keeps only each block's input and recomputes the block in
+        the backward pass. Same loss and gradients, less memory, about one more forward of time.
+        Inference (no grad, or a KV cache) is unaffected."""
+        bad = [p for p in parts if p not in ("vision", "decoder")]
+        if bad:
+            raise ValueError(f"gradient checkpointing parts must be vision or decoder, not {bad}")
+        self.vision.gradient_checkpointing = enabled and "vision" in parts
+        self.decoder.gradient_checkpointing = enabled and "decoder" in parts
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, image_tokens, decoder hidden]."""
         return self.connector(self.vision(pixel_values))

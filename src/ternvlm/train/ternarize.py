@@ -6,12 +6,21 @@ KL(teacher || student at temperature T) + ce_weight * cross-entropy, on the answ
 tokens. Runs on Hugging Face Accelerate, so ``accelerate launch --multi_gpu --num_processes 2 -m
 ternvlm.cli ternarize ...`` data-parallelises on CPU (gloo) or GPUs with no code change.
 A killed run resumes with ``--resume`` to the same weights as an uninterrupted one.
+
+Memory (a real-size model on a CPU machine, see benchmarks/qat_memory.py): ``teacher_dtype="bf16"``
+stores the frozen teacher's weights in bfloat16 (half their memory; it still computes, and gives
+its logits for the KD loss, in float32: see models/bf16.py); ``grad_checkpointing`` recomputes
+the student's blocks in the backward pass instead of keeping their activations (and dequantized
+weights); ``freeze_vision`` / ``freeze_connector`` keep those parts of the student frozen in
+float (not quantized, no gradients, no optimizer state). The teacher never holds gradients and
+the optimizer only the trainable parameters.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +35,7 @@ from tqdm import tqdm
 from ..data.registry import shapes_eval_set
 from ..errors import TernvlmError
 from ..eval.evaluate import evaluate
+from ..models.bf16 import store_bf16_
 from ..models.checkpoint import CONFIG, load_checkpoint, save_checkpoint
 from ..models.vlm import VLM
 from ..quant.api import QuantReport, clip_latents_, quantize_
@@ -33,6 +43,7 @@ from ..quant.config import QuantConfig
 from .pretrain import TrainStream, lr_at
 
 LOG_FIELDS = ["step", "loss", "kd", "ce", "lr", "seconds", "perplexity", "qa_accuracy"]
+TEACHER_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -58,6 +69,44 @@ class TernarizeConfig:
     eval_at_start: bool = True
     eval_early: tuple[int, ...] = ()  # extra evaluation steps (dense early curves)
     quant: QuantConfig | None = field(default_factory=QuantConfig)  # None: float control run
+    teacher_dtype: str = "fp32"  # "fp32" or "bf16": the frozen teacher's stored weights
+    grad_checkpointing: bool = False  # recompute the student's blocks in the backward pass
+    freeze_vision: bool = False  # student vision encoder frozen in float (not quantized)
+    freeze_connector: bool = False  # the same for the connector
+
+    def validate(self) -> TernarizeConfig:
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise TernvlmError(
+                f"unknown teacher dtype {self.teacher_dtype!r}; expected one of "
+                f"{', '.join(TEACHER_DTYPES)}"
+            )
+        for name in ("grad_checkpointing", "freeze_vision", "freeze_connector"):
+            if not isinstance(getattr(self, name), bool):
+                raise TernvlmError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if self.quant is not None:
+            self.quant.validate()
+            self.student_quant()
+        return self
+
+    @property
+    def frozen_parts(self) -> tuple[str, ...]:
+        return tuple(
+            p
+            for p, f in (("vision", self.freeze_vision), ("connector", self.freeze_connector))
+            if f
+        )
+
+    def student_quant(self) -> QuantConfig | None:
+        """``quant`` without the frozen parts: what the student's checkpoint records."""
+        if self.quant is None or not self.frozen_parts:
+            return self.quant
+        parts = tuple(p for p in self.quant.parts if p not in self.frozen_parts)
+        if not parts:
+            raise TernvlmError(
+                f"nothing left to quantize: parts {', '.join(self.quant.parts)} are all frozen "
+                f"({', '.join(self.frozen_parts)}); quantize the decoder too"
+            )
+        return dataclasses.replace(self.quant, parts=parts)
 
 
 class StudentStep(nn.Module):
@@ -82,7 +131,7 @@ def distill_terms(
     kd, ce, n = 0.0, 0.0, 0
     for s, t, y in zip(s_logits, t_logits, labels, strict=True):
         mask = y != -100
-        s, t, y = s[mask], t[mask], y[mask]
+        s, t, y = s[mask], t[mask].to(s.dtype), y[mask]
         kd = kd + F.kl_div(
             F.log_softmax(s / temperature, -1),
             F.log_softmax(t / temperature, -1),
@@ -117,17 +166,99 @@ def _check_resume(ckpt: Path, teacher: VLM, qcfg: QuantConfig | None) -> None:
         )
 
 
+def _check_resume_options(state: dict, c: TernarizeConfig, ckpt: Path) -> None:
+    """The frozen parts decide the optimizer's parameter groups: they must match to resume."""
+    saved = state.get("config", {})
+    for name in ("freeze_vision", "freeze_connector"):
+        if bool(saved.get(name, False)) != getattr(c, name):
+            raise TernvlmError(
+                f"cannot resume: the checkpoint in {ckpt} was made with {name}="
+                f"{bool(saved.get(name, False))}; nothing was overwritten"
+            )
+
+
 def _param_groups(student: VLM, c: TernarizeConfig) -> list[dict]:
-    latent = [p for n, p in student.named_parameters() if n.endswith(".latent")]
-    other = [p for n, p in student.named_parameters() if not n.endswith(".latent")]
+    """Latent weights and float parameters; frozen parameters get no optimizer state."""
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    latent = [p for n, p in trainable if n.endswith(".latent")]
+    other = [p for n, p in trainable if not n.endswith(".latent")]
     return [
         {"params": latent, "lr": c.lr, "base_lr": c.lr, "weight_decay": 0.0},
         {"params": other, "lr": c.float_lr, "base_lr": c.float_lr, "weight_decay": 0.0},
     ]
 
 
+def make_optimizer(student: VLM, c: TernarizeConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(_param_groups(student, c), betas=(0.9, 0.95))
+
+
+def prepare_teacher(teacher: VLM, c: TernarizeConfig) -> VLM:
+    """Frozen in place: no gradients, eval mode; ``bf16``: weights stored in bfloat16 (computed
+    in float32 one block at a time, see models/bf16.py)."""
+    teacher.requires_grad_(False).eval()
+    if c.teacher_dtype == "bf16":
+        store_bf16_(teacher)
+    return teacher
+
+
+def make_student(
+    teacher: VLM, c: TernarizeConfig, progress: bool = False
+) -> tuple[VLM, QuantReport]:
+    """A copy of the float teacher (before ``prepare_teacher`` casts it), quantized by
+    ``c.student_quant()``, its frozen parts frozen, checkpointing set."""
+    if teacher.decoder.norm.weight.dtype != torch.float32:
+        raise TernvlmError("internal error: make the student from the float32 teacher")
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    report = QuantReport()
+    qcfg = c.student_quant()
+    if qcfg is not None:
+        report = quantize_(student, qcfg, progress=progress)
+        student.cfg.quantization_config = qcfg.to_dict()
+    for part in c.frozen_parts:
+        student.get_submodule(part).requires_grad_(False)
+    trained = ("decoder",) if c.freeze_vision else ("vision", "decoder")
+    student.set_gradient_checkpointing(c.grad_checkpointing, trained)
+    return student, report
+
+
+def teacher_logits(
+    teacher: VLM, pixels: torch.Tensor, ids: list[torch.Tensor], index: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The frozen teacher's logits, without an autograd graph."""
+    with torch.no_grad():
+        tf = teacher.encode_image(pixels)
+        return [teacher(i, image_features=tf[j]) for i, j in zip(ids, index, strict=True)]
+
+
+def distill_step(
+    teacher: VLM,
+    step_mod: nn.Module,
+    student: VLM,
+    opt: torch.optim.Optimizer,
+    acc,
+    pixels: torch.Tensor,
+    batches: list,
+    c: TernarizeConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step of distillation; returns the (detached) loss, KD and CE terms."""
+    ids = [b.input_ids for b in batches]
+    index = [b.image_index for b in batches]
+    t_logits = teacher_logits(teacher, pixels, ids, index)
+    s_logits = step_mod(pixels, ids, index)
+    kd, ce = distill_terms(s_logits, t_logits, [b.labels for b in batches], c.temperature)
+    del s_logits, t_logits
+    loss = c.kd_weight * kd + c.ce_weight * ce
+    opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    acc.clip_grad_norm_(step_mod.parameters(), c.grad_clip)
+    opt.step()
+    clip_latents_(student)
+    return loss.detach(), kd.detach(), ce.detach()
+
+
 def model_card(c: TernarizeConfig, teacher_m: dict, m: dict, report: QuantReport, cmd: str) -> str:
-    q = c.quant or QuantConfig(bits="float", init="none")
+    q = c.student_quant() or QuantConfig(bits="float", init="none")
+    frozen = f"- frozen in float: {', '.join(c.frozen_parts)}\n" if c.frozen_parts else ""
     keep = ("perplexity", "perplexity_mismatched_image", "qa_accuracy", "qa_accuracy_novel")
     rows = "\n".join(
         f"| {k} | {teacher_m.get(k, float('nan')):.4f} | {m.get(k, float('nan')):.4f} |"
@@ -139,7 +270,7 @@ def model_card(c: TernarizeConfig, teacher_m: dict, m: dict, report: QuantReport
         f"- bits: {q.bits}, init: {q.init}, granularity: {q.granularity}, parts: "
         f"{', '.join(q.parts)}, scale: {q.scale}\n- steps: {c.steps}, seed: {c.seed}\n"
         f"- init: {len(report.layers)} layers, max Lloyd iterations {report.max_iterations}, "
-        f"mean relative L2 error {report.mean_rel_error:.4f}, {report.seconds:.2f} s\n\n"
+        f"mean relative L2 error {report.mean_rel_error:.4f}, {report.seconds:.2f} s\n{frozen}\n"
         f"| metric (shapes:test) | original | this model |\n|---|---|---|\n{rows}\n\n"
         f"## Config\n\n```json\n{json.dumps(asdict(c), indent=2, default=str)}\n```\n"
     )
@@ -155,8 +286,7 @@ def ternarize(
     """Distil ``model`` into a ternary/binary student; checkpoints in ``out/checkpoint``."""
     from accelerate import Accelerator
 
-    if c.quant is not None:
-        c.quant.validate()
+    c.validate()
     out = Path(out)
     ckpt = out / "checkpoint"
     state_path = ckpt / "train_state.pt"
@@ -170,35 +300,39 @@ def ternarize(
     teacher, proc = load_checkpoint(model)
     if teacher.cfg.quantization_config is not None:
         raise TernvlmError("the model to ternarize is already quantized; give the float original")
+    state = None
     if resume and state_path.exists():
-        _check_resume(ckpt, teacher, c.quant)
+        _check_resume(ckpt, teacher, c.student_quant())
+        state = torch.load(state_path, weights_only=False)
+        _check_resume_options(state, c, ckpt)
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.set_num_threads(max(1, c.threads // acc.num_processes))
     torch.manual_seed(c.seed)
     main = acc.is_main_process
     teacher.requires_grad_(False).eval()
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    report = QuantReport()
-    if c.quant is not None:
-        report = quantize_(student, c.quant, progress=main)
-        student.cfg.quantization_config = c.quant.to_dict()
-    opt = torch.optim.AdamW(_param_groups(student, c), betas=(0.9, 0.95))
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_path, teacher_test_path = out / "teacher_val.json", out / "teacher_test.json"
+    if main and not (teacher_path.exists() and teacher_test_path.exists()):
+        # The original's metrics, in float32 whatever teacher_dtype (and before training memory).
+        val = shapes_eval_set("val", c.val_scenes, teacher.cfg.vision.image_size)
+        teacher_path.write_text(json.dumps(evaluate(teacher, proc, val, mismatched=False)) + "\n")
+        test = shapes_eval_set("test", c.test_scenes, teacher.cfg.vision.image_size)
+        teacher_test_path.write_text(json.dumps(evaluate(teacher, proc, test)) + "\n")
+    student, report = make_student(teacher, c, progress=main)
+    prepare_teacher(teacher, c)
+    opt = make_optimizer(student, c)
     start = 0
-    if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+    if state is not None:
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
         if main:
             print(f"resuming from step {start}")
+        del state
     step_mod, opt = acc.prepare(StudentStep(student), opt)
     val = shapes_eval_set("val", c.val_scenes, teacher.cfg.vision.image_size)
-    out.mkdir(parents=True, exist_ok=True)
-    teacher_path = out / "teacher_val.json"
-    if main and not teacher_path.exists():
-        teacher_path.write_text(json.dumps(evaluate(teacher, proc, val, mismatched=False)) + "\n")
     log_path = out / "log.csv"
     if main and start == 0:
         with open(log_path, "w", newline="") as f:
@@ -227,19 +361,7 @@ def ternarize(
         mult = lr_at(step, c) / c.lr
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        ids = [b.input_ids for b in batches]
-        index = [b.image_index for b in batches]
-        with torch.no_grad():
-            tf = teacher.encode_image(pixels)
-            t_logits = [teacher(i, image_features=tf[j]) for i, j in zip(ids, index, strict=True)]
-        s_logits = step_mod(pixels, ids, index)
-        kd, ce = distill_terms(s_logits, t_logits, [b.labels for b in batches], c.temperature)
-        loss = c.kd_weight * kd + c.ce_weight * ce
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(step_mod.parameters(), c.grad_clip)
-        opt.step()
-        clip_latents_(student)
+        loss, kd, ce = distill_step(teacher, step_mod, student, opt, acc, pixels, batches, c)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", kd=f"{kd.item():.4f}")
@@ -273,7 +395,7 @@ def ternarize(
     metrics: dict = {}
     if main:
         test = shapes_eval_set("test", c.test_scenes, teacher.cfg.vision.image_size)
-        teacher_m = evaluate(teacher, proc, test)
+        teacher_m = json.loads(teacher_test_path.read_text())
         metrics = evaluate(student, proc, test)
         metrics["original"] = {k: v for k, v in teacher_m.items() if not isinstance(v, dict)}
         metrics["init"] = {
