@@ -7,7 +7,8 @@
 //
 // Layout (tvk.h tvk_decode_attention): qkv = [q (H*D) | k (G*D) | v (G*D)] of the new token;
 // out = [o (H*D) | rotary(k) (G*D) | v (G*D)], the last two being what the caller writes into
-// its cache at `pos`. Query head h reads kv head h / (H / G). Cache slots >= pos are ignored.
+// its cache at `pos`. Query head h reads kv head h / (H / G). Caches are position-major
+// [L, G, D] (export/graphs.py); slots >= pos are ignored.
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -97,11 +98,12 @@ int DecodeAttention(const float* qkv, const float* cos, const float* sin, const 
   for (int64_t h = 0; h < heads; ++h) {
     const int64_t g = h / rep;
     Rotary(q + h * d, cos, sin, rot_dim, d, qr.data());
-    const float* kc = k_cache + g * cache_len * d;
-    const float* vc = v_cache + g * cache_len * d;
+    const float* kc = k_cache + g * d;  // row j at kc + j * stride
+    const float* vc = v_cache + g * d;
+    const int64_t stride = g_count * d;
     float mx = -INFINITY;
     for (int64_t j = 0; j < pos; ++j) {
-      w[j] = dot(qr.data(), kc + j * d, d) * scale;
+      w[j] = dot(qr.data(), kc + j * stride, d) * scale;
       mx = w[j] > mx ? w[j] : mx;
     }
     w[pos] = dot(qr.data(), k_new + g * d, d) * scale;
@@ -114,7 +116,7 @@ int DecodeAttention(const float* qkv, const float* cos, const float* sin, const 
     const float inv = 1.0f / total;
     float* oh = o + h * d;
     std::memset(oh, 0, static_cast<size_t>(d) * sizeof(float));
-    for (int64_t j = 0; j < pos; ++j) axpy(w[j] * inv, vc + j * d, d, oh);
+    for (int64_t j = 0; j < pos; ++j) axpy(w[j] * inv, vc + j * stride, d, oh);
     axpy(w[pos] * inv, v_new + g * d, d, oh);
   }
   return TVK_OK;

@@ -294,7 +294,10 @@ Status MapFile(tvr_model* m, const char* path) {
     return std::string("no memory for ") + path + " (" + std::to_string(size) + " bytes)";
   }
 #ifdef MADV_HUGEPAGE
-  madvise(p, room, MADV_HUGEPAGE);  // a hint: without THP the read still works
+  // A hint (without THP the read still works), on the whole 2 MiB pages of the file only: a huge
+  // page over the file's last partial 2 MiB would make up to 2 MiB of nothing resident. (The
+  // room stays a multiple of 2 MiB: the kernel places such mappings on a 2 MiB boundary.)
+  if (size >= kHuge) madvise(p, size / kHuge * kHuge, MADV_HUGEPAGE);
 #endif
   size_t done = 0;
   while (done < size) {

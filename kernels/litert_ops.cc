@@ -226,10 +226,10 @@ std::string ValidateAttention(const OpOptions& opt, const std::vector<TensorDesc
   if (!dims(in[1].type.layout, {1, opt.rot_dim}) || !dims(in[2].type.layout, {1, opt.rot_dim})) {
     return "cos/sin must be [1, " + std::to_string(opt.rot_dim) + "]";
   }
-  if (!dims(kc, {1, opt.kv_heads, -1, opt.head_dim}) || kc.dimensions[2] < 1 ||
-      !dims(vc, {1, opt.kv_heads, kc.dimensions[2], opt.head_dim})) {
-    return "caches " + ShapeString(kc) + ", " + ShapeString(vc) + " must be [1, " +
-           std::to_string(opt.kv_heads) + ", L, " + std::to_string(opt.head_dim) + "]";
+  if (!dims(kc, {1, -1, opt.kv_heads, opt.head_dim}) || kc.dimensions[1] < 1 ||
+      !dims(vc, {1, kc.dimensions[1], opt.kv_heads, opt.head_dim})) {
+    return "caches " + ShapeString(kc) + ", " + ShapeString(vc) + " must be [1, L, " +
+           std::to_string(opt.kv_heads) + ", " + std::to_string(opt.head_dim) + "]";
   }
   if (!dims(in[5].type.layout, {1})) return "pos must be [1]";
   return "";
@@ -526,11 +526,11 @@ LiteRtStatus RunAttention(OpContext* ctx, const LiteRtTensorBuffer* inputs,
   for (int i = 0; ok && i < 6; ++i) ok = GetOperand(api, inputs[i], &in[i]);
   if (!ok) return Fail(ctx, kind, "an operand is not a readable host-memory buffer");
   const LiteRtLayout& kl = in[3].type.layout;
-  if (kl.rank != 4 || kl.dimensions[1] != opt.kv_heads || kl.dimensions[3] != opt.head_dim ||
-      kl.dimensions[2] < 1) {
+  if (kl.rank != 4 || kl.dimensions[2] != opt.kv_heads || kl.dimensions[3] != opt.head_dim ||
+      kl.dimensions[1] < 1) {
     return Fail(ctx, kind, node->where + ": cache " + ShapeString(kl) + " does not fit");
   }
-  const int64_t cache_len = kl.dimensions[2], width = AttentionWidth(opt);
+  const int64_t cache_len = kl.dimensions[1], width = AttentionWidth(opt);
   const size_t cache_bytes = static_cast<size_t>(opt.kv_heads * cache_len * opt.head_dim) * 4;
   const bool sizes_ok = in[0].size >= static_cast<size_t>(width) * 4 &&
                         y.size >= static_cast<size_t>(width) * 4 &&

@@ -11,7 +11,7 @@
 //   PackedEmbedding   (ids int32 [...], w int8 [V, row bytes], scale f32 [V, C])
 //                     -> f32 [..., K]: rows ids of dequant(w) (any format)
 //   DecodeAttention   (qkv f32 [1, 1, (H+2G)*D], cos f32 [1, R], sin f32 [1, R],
-//                     k_cache f32 [1, G, L, D], v_cache f32 [1, G, L, D], pos int32 [1])
+//                     k_cache f32 [1, L, G, D], v_cache f32 [1, L, G, D], pos int32 [1])
 //                     -> f32 [1, 1, (H+2G)*D] = [attention output | rotary(k) | v]
 //                     (tvk.h tvk_decode_attention); its options are their own 32 bytes:
 //                     char magic[4] = "TVA1"; int32 version = 1; int32 heads, kv_heads,

@@ -113,8 +113,8 @@ TVK_API int tvk_unpack(int format, const uint8_t* w, int64_t N, int64_t K, const
 
 // out[n, k] = q[n, k] * scale[n, k / G]  (dequantized float32 [N, K]).
 // Decode attention of one token (kernels/attention.cc): qkv [(H + 2G) * D] = [q | k | v] of
-// the token at position `pos`; caches [G, cache_len, D] hold positions < pos (slots >= pos are
-// ignored). Rotary embedding (rotate-half on the first rot_dim dims, cos/sin [rot_dim]) is
+// the token at position `pos`; caches [cache_len, G, D] (position-major) hold positions < pos
+// (slots >= pos are ignored). Rotary embedding (rotate-half on the first rot_dim dims, cos/sin [rot_dim]) is
 // applied to q and k; out [(H + 2G) * D] = [softmax(q.K^T * scale) V per head | rotary(k) | v].
 TVK_API int tvk_decode_attention(const float* qkv, const float* cos, const float* sin,
                                  const float* k_cache, const float* v_cache, int64_t pos,

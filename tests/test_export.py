@@ -45,16 +45,16 @@ def run_graphs(m, ids, pixels, next_tokens, prefill_len, cache_len):
     out = graphs.Prefill(m, prefill_len)(x, feats)
     n = len(ids)
     names = [f"{c}_{i}" for i in range(d.layers) for c in "kv"]
-    cache = {k: torch.zeros(1, d.kv_heads, cache_len, d.head_dim) for k in names}
+    cache = {k: torch.zeros(1, cache_len, d.kv_heads, d.head_dim) for k in names}
     for j, k in enumerate(names):
-        cache[k][:, :, :n] = out[1 + j][:, :, :n]
+        cache[k][:, :n] = out[1 + j][:, :n]
     steps = []
     for pos, t in enumerate(next_tokens, start=n):
         o = graphs.Decode(m, cache_len)(
             torch.tensor([[t]], dtype=torch.int32), torch.tensor([pos], dtype=torch.int32), **cache
         )
         for j, k in enumerate(names):
-            cache[k][:, :, pos : pos + 1] = o[1 + j]
+            cache[k][:, pos : pos + 1] = o[1 + j]
         steps.append(o[0][0, -1])
     return feats, out[0][0, :n], torch.stack(steps)
 

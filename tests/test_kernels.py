@@ -505,8 +505,8 @@ def attention_reference(qkv, cos, sin, kc, vc, pos, heads, kv_heads, scale):
     o = np.empty((heads, d))
     for h in range(heads):
         g = h // (heads // kv_heads)
-        keys = np.concatenate([kc[g, :pos], k[g : g + 1]])
-        values = np.concatenate([vc[g, :pos], v[g : g + 1]])
+        keys = np.concatenate([kc[:pos, g], k[g : g + 1]])  # caches [L, G, D]
+        values = np.concatenate([vc[:pos, g], v[g : g + 1]])
         s = keys @ q[h] * scale
         w = np.exp(s - s.max())
         o[h] = (w / w.sum()) @ values
@@ -533,8 +533,8 @@ def test_decode_attention_paths_equal_numpy(
     rot = int(d * rot_frac) // 2 * 2
     pos = min(cache_len - 1, int(pos_frac * cache_len))
     qkv = rng.standard_normal((heads + 2 * kv_heads) * d).astype(np.float32) * 2
-    kc = rng.standard_normal((kv_heads, cache_len, d)).astype(np.float32)
-    vc = rng.standard_normal((kv_heads, cache_len, d)).astype(np.float32)
+    kc = rng.standard_normal((cache_len, kv_heads, d)).astype(np.float32)
+    vc = rng.standard_normal((cache_len, kv_heads, d)).astype(np.float32)
     angle = rng.uniform(-3, 3, rot // 2).astype(np.float32)
     cos = np.concatenate([np.cos(angle)] * 2).astype(np.float32)
     sin = np.concatenate([np.sin(angle)] * 2).astype(np.float32)
@@ -549,7 +549,7 @@ def test_decode_attention_paths_equal_numpy(
 
 
 def test_decode_attention_bad_input():
-    kc = np.zeros((2, 8, 4), np.float32)
+    kc = np.zeros((8, 2, 4), np.float32)
     qkv, cs = np.zeros(6 * 4, np.float32), np.zeros(4, np.float32)
     with pytest.raises(TernvlmError, match="tvk_decode_attention"):
         kernels.decode_attention(qkv, cs, cs, kc, kc, 8, 2, 2, 0.5)  # pos past the cache

@@ -51,7 +51,7 @@ def measure(
         n_img, plen = feats_in.shape[1], ids.shape[1]
         names = [n for n in m.signatures["decode"].inputs if n not in ("token", "pos")]
         cache = {n: m.input_array("decode", n) for n in names}
-        cache_len = next(iter(cache.values())).shape[2] if cache else 0
+        cache_len = next(iter(cache.values())).shape[1] if cache else 0  # [1, L, kvh, D]
         if not n_img + 1 <= prompt_tokens <= plen:
             raise TernvlmError(
                 f"prompt of {prompt_tokens} tokens must hold the {n_img} image tokens plus one "
@@ -74,6 +74,10 @@ def measure(
         logits_out = m.output_array("decode", "output_0")
         kv_out = [m.output_array("decode", f"output_{j + 1}") for j in range(len(names))]
         pre_kv = [m.output_array("prefill", f"output_{j + 1}") for j in range(len(names))]
+        in_place = plen <= cache_len  # prefill writes its keys/values into the cache itself
+        if in_place:
+            for j, a in enumerate(cache.values()):
+                m.bind("prefill", f"output_{j + 1}", a[:, :plen], output=True)
 
         def one_round() -> tuple[float, float, float, float]:
             t_start = time.perf_counter()
@@ -83,8 +87,9 @@ def measure(
             ids[0] = prompt
             m.run("prefill")
             tok = int(np.argmax(m.output_array("prefill", "output_0")[0, at]))
-            for a, b in zip(cache.values(), pre_kv, strict=True):
-                a[:, :, :prompt_tokens] = b[:, :, :prompt_tokens]
+            if not in_place:
+                for a, b in zip(cache.values(), pre_kv, strict=True):
+                    a[:, :prompt_tokens] = b[:, :prompt_tokens]
             t_first = time.perf_counter()
             for pos in range(prompt_tokens, prompt_tokens + gen_tokens):
                 token_in[...] = tok
@@ -92,7 +97,7 @@ def measure(
                 m.run("decode")
                 tok = int(np.argmax(logits_out[0, -1]))
                 for a, b in zip(cache.values(), kv_out, strict=True):
-                    a[:, :, pos : pos + 1] = b
+                    a[:, pos : pos + 1] = b
             t_end = time.perf_counter()
             return (
                 (t_enc - t_start) * 1e3,

@@ -6,12 +6,15 @@ PyTorch model computes; only attention and the KV cache are rewritten for static
 - ``prefill(input_ids [1, T], image_features [1, I, H] [, last [1]])``: the prompt padded to T
   tokens, image features written over the image-token slots, causal attention; returns logits
   [1, T, V] (or [1, 1, V] at position ``last`` when exported with ``--prefill-logits last``) and
-  each layer's keys/values [1, kvh, T, D]. Padding after the prompt cannot change earlier
+  each layer's keys/values [1, T, kvh, D]. Padding after the prompt cannot change earlier
   positions.
-- ``decode(token [1, 1], pos [1], k_<i>/v_<i> [1, kvh, L, D])``: one token at position ``pos``
+- ``decode(token [1, 1], pos [1], k_<i>/v_<i> [1, L, kvh, D])``: one token at position ``pos``
   attending to cache slots < pos and to itself; returns logits [1, 1, V] and the new key/value
-  [1, kvh, 1, D] per layer. The caller writes them into its cache at ``pos``: the cache is
+  [1, 1, kvh, D] per layer. The caller writes them into its cache at ``pos``: the cache is
   read-only for the graph (no in-place aliasing, no dynamic-update-slice).
+
+The cache is position-major ([1, L, kvh, D]) so that prefill's keys/values [1, T, kvh, D] are the
+first T rows of it: a runtime binds them straight into its cache (no copy, no second buffer).
 
 Attention groups query heads by kv head ([1, kvh, rep*T, D] against [1, kvh, T, D]) instead of
 repeating keys and values: the same math as the model's repeat_interleave, less work.
@@ -61,10 +64,12 @@ def _qkv(att: Attention, dec: Decoder, h: torch.Tensor, cos, sin, rot):
     else:
         q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
     q = _heads(q, att.heads, att.head_dim)
-    k = _heads(k, att.kv_heads, att.head_dim)
-    v = _heads(v, att.kv_heads, att.head_dim)
+    t = h.shape[1]
+    k = k.view(1, t, att.kv_heads, att.head_dim)  # position-major, as the cache stores it
+    v = v.view(1, t, att.kv_heads, att.head_dim)
     rd = dec.rope.rot_dim
-    return _rope(q, cos, sin, rd, rot), _rope(k, cos, sin, rd, rot), v
+    k = _rope(k, cos[:, None], sin[:, None], rd, rot)
+    return _rope(q, cos, sin, rd, rot), k, v
 
 
 def rotate_half_matrix(dim: int) -> torch.Tensor:
@@ -136,7 +141,8 @@ class Prefill(nn.Module):
 
             def attn_out(h, att=att):
                 q, k, v = _qkv(att, dec, h, cos, sin, self.rot)
-                caches.extend([k, v])
+                caches.extend([k, v])  # [1, T, kvh, D]
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
                 s = _grouped(q, att.kv_heads) @ k.transpose(-1, -2) * scale + self.mask
                 o = torch.softmax(s, dim=-1) @ v
                 return att.o_proj(_ungroup(o, att.heads, self.length))
@@ -171,7 +177,9 @@ class Decode(nn.Module):
                 if hasattr(att, "qkv_proj"):  # custom-op files: one DecodeAttention node
                     return self._fused(att, h, cos, sin, kc, vc, pos, new)
                 q, k, v = _qkv(att, dec, h, cos, sin, self.rot)
-                new.extend([k, v])
+                new.extend([k, v])  # [1, 1, kvh, D]
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+                kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # [1, kvh, L, D]
                 qg = _grouped(q, att.kv_heads) * scale  # [1, kvh, rep, D]
                 s_cache = qg @ kc.transpose(-1, -2) + visible  # [1, kvh, rep, L]
                 s_self = (qg * k).sum(-1, keepdim=True)  # [1, kvh, rep, 1]
@@ -193,8 +201,8 @@ class Decode(nn.Module):
             self.model.decoder.rope.rot_dim, hd**-0.5,
         )  # fmt: skip
         width = att.heads * hd
-        new.append(out[..., width : width + g * hd].reshape(1, g, 1, hd))
-        new.append(out[..., width + g * hd :].reshape(1, g, 1, hd))
+        new.append(out[..., width : width + g * hd].reshape(1, 1, g, hd))
+        new.append(out[..., width + g * hd :].reshape(1, 1, g, hd))
         return att.o_proj(out[..., :width])
 
 
@@ -206,7 +214,7 @@ def sample_inputs(
     v, d = c.vision, c.decoder
     ids = torch.full((1, prefill_len), c.pad_token_id, dtype=torch.int32)
     ids[0, 1 : 1 + c.image_tokens] = c.image_token_id
-    kv_shape = (1, d.kv_heads, cache_len, d.head_dim)
+    kv_shape = (1, cache_len, d.kv_heads, d.head_dim)  # position-major (module docstring)
     return {
         "encode_image": (torch.zeros(1, 3, v.image_size, v.image_size),),
         "prefill": (ids, torch.zeros(1, c.image_tokens, d.hidden))

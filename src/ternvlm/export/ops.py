@@ -171,7 +171,8 @@ def decode_attention(
     rot_dim: int,
     scale: float,
 ) -> torch.Tensor:
-    """One token at position ``pos`` attending to cache slots < pos and to itself, rotary
+    """One token at position ``pos`` attending to cache slots < pos (caches [1, L, kvh, D],
+    position-major) and to itself, rotary
     embedding applied to q and k: [o | rotary(k) | v] (kernels/attention.cc; models/decoder.py
     Attention with a KV cache computes the same)."""
     d, g, p = head_dim, kv_heads, int(pos.reshape(-1)[0])
@@ -180,8 +181,8 @@ def decode_attention(
     qr = _rotary(q.view(heads, d), c, s, rot_dim)
     kr = _rotary(k.view(g, d), c, s, rot_dim)
     v = v.view(g, d)
-    keys = torch.cat([k_cache[0, :, :p], kr[:, None]], dim=1)  # [g, p + 1, d]
-    values = torch.cat([v_cache[0, :, :p], v[:, None]], dim=1)
+    keys = torch.cat([k_cache[0, :p].transpose(0, 1), kr[:, None]], dim=1)  # [g, p + 1, d]
+    values = torch.cat([v_cache[0, :p].transpose(0, 1), v[:, None]], dim=1)
     w = torch.softmax(qr.view(g, heads // g, d) @ keys.transpose(-1, -2) * scale, dim=-1)
     o = (w @ values).reshape(-1)
     return torch.cat([o, kr.reshape(-1), v.reshape(-1)]).reshape(qkv.shape)

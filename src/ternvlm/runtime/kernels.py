@@ -236,14 +236,14 @@ def decode_attention(
 ) -> np.ndarray:
     """One token's attention against a KV cache (the DecodeAttention op; tvk.h).
 
-    qkv [(heads + 2 kv_heads) * D] = [q | k | v]; cos/sin [rot]; caches [kv_heads, L, D].
+    qkv [(heads + 2 kv_heads) * D] = [q | k | v]; cos/sin [rot]; caches [L, kv_heads, D].
     Returns [o | rotary(k) | v], same length as qkv."""
     heads, kv_heads, pos = _int("heads", heads), _int("kv_heads", kv_heads), _int("pos", pos)
     if not isinstance(k_cache, np.ndarray) or k_cache.ndim != 3:
-        raise TernvlmError("k_cache must be a 3-D float32 array [kv_heads, L, D]")
-    _, cache_len, d = k_cache.shape
-    _array("k_cache", k_cache, np.float32, (kv_heads, cache_len, d))
-    _array("v_cache", v_cache, np.float32, (kv_heads, cache_len, d))
+        raise TernvlmError("k_cache must be a 3-D float32 array [L, kv_heads, D]")
+    cache_len, _, d = k_cache.shape
+    _array("k_cache", k_cache, np.float32, (cache_len, kv_heads, d))
+    _array("v_cache", v_cache, np.float32, (cache_len, kv_heads, d))
     _array("qkv", qkv, np.float32, ((heads + 2 * kv_heads) * d,))
     rot = cos.shape[0] if isinstance(cos, np.ndarray) and cos.ndim == 1 else -1
     _array("cos", cos, np.float32, (rot,))

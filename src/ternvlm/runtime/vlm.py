@@ -5,8 +5,10 @@ signatures. It quacks like ``models.vlm.VLM`` where evaluation and generation ne
 (``encode_image``, ``model(input_ids, image_features=...)`` -> logits, ``cfg``, ``eval``), so
 ``ternvlm eval`` and ``ternvlm generate`` take a .tflite exactly like a checkpoint.
 
-The KV cache lives on the host (one array per layer and kind, [1, kvh, L, D]); decode reads it and
-returns the new position's keys/values, which we write at ``pos``.
+The KV cache lives on the host (one array per layer and kind, [1, L, kvh, D], position-major);
+decode reads it and returns the new position's keys/values, which we write at ``pos``. With our
+driver the cache arrays are decode's own inputs and prefill writes its keys/values straight into
+their first rows (no copy and no second buffer).
 
 Images: the exported prefill graph has a static ``[1, image_tokens, hidden]`` image-feature input,
 room for exactly one image view per prompt. SmolVLM (Idefics3) image splitting (K tiles + a global
@@ -124,15 +126,27 @@ class TfliteVLM:
         else:
             raise TernvlmError(f"unknown backend {backend!r} (litert or interpreter)")
         d = self.cfg.decoder
-        self._kv_shape = (1, d.kv_heads, self.cache_len, d.head_dim)
+        self._kv_shape = (1, self.cache_len, d.kv_heads, d.head_dim)
         names = [f"{c}_{i}" for i in range(d.layers) for c in "kv"]
-        if self._handle is not None:  # the driver's own decode inputs: no copy per step
+        self._prefill_in_cache = False
+        if self._handle is not None:  # the driver's own decode inputs (zeros): no copy per step
             self.cache = {n: self._handle.input_array("decode", n) for n in names}
-            for a in self.cache.values():
-                a[...] = 0.0
+            self._prefill_in_cache = self._bind_prefill_into_cache(names)
         else:
             self.cache = {n: np.zeros(self._kv_shape, np.float32) for n in names}
         self._kv_names = names
+
+    def _bind_prefill_into_cache(self, names: list[str]) -> bool:
+        """Prefill's keys/values [1, T, kvh, D] written into the first T rows of the cache."""
+        if self.prefill_len > self.cache_len:
+            return False
+        try:
+            for j, name in enumerate(names):
+                rows = self.cache[name][:, : self.prefill_len]
+                self._handle.bind("prefill", f"output_{j + 1}", rows, output=True)
+        except TernvlmError:  # LiteRT wants more room than the cache has left: copy instead
+            return False
+        return True
 
     # -- VLM interface used by eval and generate ------------------------------------------
     def eval(self) -> TfliteVLM:
@@ -208,15 +222,22 @@ class TfliteVLM:
         x = np.full((1, self.prefill_len), self.cfg.pad_token_id, np.int32)
         x[0, :n] = ids
         extra = {"last": np.array([n - 1], np.int32)} if self.last_logits_only else {}
-        out = self._run(
-            "prefill",
-            input_ids=x,
-            image_features=np.ascontiguousarray(image_features, np.float32),
-            **extra,
-        )
-        for j, name in enumerate(self._kv_names):
-            self.cache[name][:, :, :n] = out[f"output_{j + 1}"][:, :, :n]
-        return out["output_0"][0, : 1 if self.last_logits_only else n], n
+        feats = np.ascontiguousarray(image_features, np.float32)
+        if self._handle is not None:  # in place: keys/values land in the cache (see __init__)
+            h = self._handle
+            for name, value in {"input_ids": x, "image_features": feats, **extra}.items():
+                h.input_array("prefill", name)[...] = value
+            h.run("prefill")
+            out = {
+                f"output_{j}": h.output_array("prefill", f"output_{j}")
+                for j in range(len(self._kv_names) + 1)
+            }
+        else:
+            out = self._run("prefill", input_ids=x, image_features=feats, **extra)
+        if not self._prefill_in_cache:
+            for j, name in enumerate(self._kv_names):
+                self.cache[name][:, :n] = out[f"output_{j + 1}"][:, :n]
+        return out["output_0"][0, : 1 if self.last_logits_only else n].copy(), n
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         """Logits [V] of ``token`` at position ``pos`` (cache holds [0, pos)); caches it."""
@@ -239,7 +260,7 @@ class TfliteVLM:
                 **self.cache,
             )
         for j, name in enumerate(self._kv_names):
-            self.cache[name][:, :, pos : pos + 1] = out[f"output_{j + 1}"]
+            self.cache[name][:, pos : pos + 1] = out[f"output_{j + 1}"]
         return out["output_0"][0, -1].copy()
 
     def generate_ids(
