@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -402,3 +403,54 @@ def test_two_process_accelerate_run(tiny_ckpt, tmp_path):
     assert _log_steps(out) == [0, 2, 4]
     model, _ = load_checkpoint(out / "final")
     assert quant_layers(model)
+
+
+# --- the user's own distillation data -----------------------------------------------------
+
+
+def _folder(root, rows):
+    from PIL import Image
+
+    root.mkdir()
+    for i, _ in enumerate(rows):
+        Image.new("RGB", (40 + 8 * i, 30), (40 * i, 200, 90)).save(root / f"{i}.png")
+    lines = [json.dumps({"file_name": f"{i}.png", **r}) for i, r in enumerate(rows)]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_imagefolder_data_trains_and_evaluates(tiny_ckpt, tmp_path):
+    from ternvlm.models.checkpoint import load_checkpoint as load
+    from ternvlm.train.folder_stream import FolderStream
+
+    rows = [
+        {"text": "a green square"},
+        {"question": "what colour is the square?", "answer": "green"},
+        {"text": "a large green circle", "question": "how many shapes?", "answer": "one"},
+    ]
+    folder = _folder(tmp_path / "photos", rows)
+    out = tmp_path / "run"
+    args = ["--steps", "2", "--data", f"imagefolder:{folder}", "--val-scenes", "2"]
+    assert main(_cmd(tiny_ckpt, out, *args, "--test-scenes", "3")) == 0
+    assert (out / "final").exists() and _log_steps(out) == [0, 2]
+    # the stream: every text of a drawn image is one of that image's rows; resumable by step
+    from ternvlm.data.registry import load_eval_set
+
+    _, proc = load(tiny_ckpt)
+    data = load_eval_set(f"imagefolder:{folder}")
+    c = TernarizeConfig(batch_images=3, seqs_per_image=2, seed=5)
+    s = FolderStream(proc, c, data, 0)
+    pixels, batches = s.batch(4)
+    again_pixels, again = FolderStream(proc, c, data, 4).batch(4)
+    assert torch.equal(pixels, again_pixels) and torch.equal(
+        batches[0].input_ids, again[0].input_ids
+    )
+    assert pixels.shape[0] == 3 and batches[0].input_ids.shape[0] == 6
+
+
+def test_bad_training_data_is_named(tiny_ckpt, tmp_path, capsys):
+    assert main(_cmd(tiny_ckpt, tmp_path / "r", "--data", "laion")) == 2
+    assert "unknown training data 'laion'" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert main(_cmd(tiny_ckpt, tmp_path / "r2", "--data", f"imagefolder:{missing}")) == 2
+    assert "image folder not found" in capsys.readouterr().err

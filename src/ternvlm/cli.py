@@ -79,6 +79,11 @@ def _add_ternarize(sub) -> None:
     p.add_argument("--test-scenes", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-workers", type=int, default=1)
+    p.add_argument(
+        "--data",
+        default="shapes",
+        help="distillation data: shapes, or imagefolder:DIR (your images + metadata.jsonl)",
+    )
     p.add_argument("--resume", action="store_true", help="continue out/checkpoint")
     p.add_argument(
         "--teacher-dtype",
@@ -152,6 +157,7 @@ def cmd_ternarize(a: argparse.Namespace) -> int:
         grad_checkpointing=a.grad_checkpointing,
         freeze_vision=a.freeze_vision,
         freeze_connector=a.freeze_connector,
+        data=a.data,
     ).validate()
     command = "ternvlm " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     metrics = ternarize(a.model, a.out, c, resume=a.resume, command=command)

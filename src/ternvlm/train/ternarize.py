@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.registry import shapes_eval_set
+from ..data.registry import load_eval_set, shapes_eval_set
 from ..errors import TernvlmError
 from ..eval.evaluate import evaluate
 from ..models.bf16 import store_bf16_
@@ -73,6 +73,9 @@ class TernarizeConfig:
     grad_checkpointing: bool = False  # recompute the student's blocks in the backward pass
     freeze_vision: bool = False  # student vision encoder frozen in float (not quantized)
     freeze_connector: bool = False  # the same for the connector
+    # Distillation data: "shapes" (the synthetic world) or "imagefolder:DIR" (your images and
+    # texts, train/folder_stream.py; validation and test metrics then come from its first rows).
+    data: str = "shapes"
 
     def validate(self) -> TernarizeConfig:
         if self.teacher_dtype not in TEACHER_DTYPES:
@@ -83,6 +86,12 @@ class TernarizeConfig:
         for name in ("grad_checkpointing", "freeze_vision", "freeze_connector"):
             if not isinstance(getattr(self, name), bool):
                 raise TernvlmError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        kind, _, folder = self.data.partition(":")
+        if not (self.data == "shapes" or (kind == "imagefolder" and folder)):
+            raise TernvlmError(
+                f"unknown training data {self.data!r}; use shapes or imagefolder:DIR "
+                "(metadata.jsonl with file_name and text, or question and answer)"
+            )
         if self.quant is not None:
             self.quant.validate()
             self.student_quant()
@@ -276,6 +285,22 @@ def model_card(c: TernarizeConfig, teacher_m: dict, m: dict, report: QuantReport
     )
 
 
+def _eval_set(c: TernarizeConfig, split: str, image_size: int):
+    """Validation / test texts: shapes val/test, or the first rows of the user's image folder."""
+    limit = c.val_scenes if split == "val" else c.test_scenes
+    if c.data == "shapes":
+        return shapes_eval_set(split, limit, image_size)
+    return load_eval_set(c.data, limit, image_size)
+
+
+def _train_stream(proc, c: TernarizeConfig, start: int, rank: int, world: int):
+    if c.data == "shapes":
+        return TrainStream(proc, c, start, rank, world)
+    from .folder_stream import FolderStream
+
+    return FolderStream(proc, c, load_eval_set(c.data, None), start, rank, world)
+
+
 def ternarize(
     model: str | Path,
     out: str | Path,
@@ -315,9 +340,9 @@ def ternarize(
     teacher_path, teacher_test_path = out / "teacher_val.json", out / "teacher_test.json"
     if main and not (teacher_path.exists() and teacher_test_path.exists()):
         # The original's metrics, in float32 whatever teacher_dtype (and before training memory).
-        val = shapes_eval_set("val", c.val_scenes, teacher.cfg.vision.image_size)
+        val = _eval_set(c, "val", teacher.cfg.vision.image_size)
         teacher_path.write_text(json.dumps(evaluate(teacher, proc, val, mismatched=False)) + "\n")
-        test = shapes_eval_set("test", c.test_scenes, teacher.cfg.vision.image_size)
+        test = _eval_set(c, "test", teacher.cfg.vision.image_size)
         teacher_test_path.write_text(json.dumps(evaluate(teacher, proc, test)) + "\n")
     student, report = make_student(teacher, c, progress=main)
     prepare_teacher(teacher, c)
@@ -332,7 +357,7 @@ def ternarize(
             print(f"resuming from step {start}")
         del state
     step_mod, opt = acc.prepare(StudentStep(student), opt)
-    val = shapes_eval_set("val", c.val_scenes, teacher.cfg.vision.image_size)
+    val = _eval_set(c, "val", teacher.cfg.vision.image_size)
     log_path = out / "log.csv"
     if main and start == 0:
         with open(log_path, "w", newline="") as f:
@@ -346,7 +371,7 @@ def ternarize(
         m0 = evaluate(student, proc, val, mismatched=False)
         log({"step": 0, "seconds": 0.0, "perplexity": m0["perplexity"], **_acc(m0)})
     loader = DataLoader(
-        TrainStream(proc, c, start, acc.process_index, acc.num_processes),
+        _train_stream(proc, c, start, acc.process_index, acc.num_processes),
         batch_size=None,
         num_workers=c.data_workers,
         prefetch_factor=4 if c.data_workers else None,
@@ -394,7 +419,7 @@ def ternarize(
     bar.close()
     metrics: dict = {}
     if main:
-        test = shapes_eval_set("test", c.test_scenes, teacher.cfg.vision.image_size)
+        test = _eval_set(c, "test", teacher.cfg.vision.image_size)
         teacher_m = json.loads(teacher_test_path.read_text())
         metrics = evaluate(student, proc, test)
         metrics["original"] = {k: v for k, v in teacher_m.items() if not isinstance(v, dict)}
