@@ -189,6 +189,28 @@ def _rope(t: dict[str, Any], arch: str = "Idefics3") -> tuple[float, float]:
     return float(theta if theta is not None else 10000.0), float(partial or 1.0)
 
 
+def llama_decoder(t: dict[str, Any], hidden: int, heads: int, tie: bool, arch: str = "Idefics3"):
+    """Our DecoderConfig for a transformers LlamaConfig dict (defaults already filled in)."""
+    theta, partial = _rope(t, arch)
+    return DecoderConfig(
+        vocab_size=int(t["vocab_size"]),
+        hidden=hidden,
+        layers=int(t["num_hidden_layers"]),
+        heads=heads,
+        kv_heads=int(t["num_key_value_heads"] or heads),
+        mlp=int(t["intermediate_size"]),
+        max_seq_len=int(t["max_position_embeddings"]),
+        rope_theta=theta,
+        partial_rotary=partial,
+        norm="rmsnorm",
+        norm_eps=float(t["rms_norm_eps"]),
+        mlp_type="swiglu",
+        attn_bias=bool(t["attention_bias"]),
+        mlp_bias=bool(t["mlp_bias"]),
+        tie_embeddings=tie,
+    )
+
+
 def config_from_hf(hf_config: Any) -> VLMConfig:
     """A transformers ``Idefics3Config`` (object or config.json dict) -> our :class:`VLMConfig`."""
     data = _as_dict(hf_config)
@@ -223,7 +245,6 @@ def config_from_hf(hf_config: Any) -> VLMConfig:
                 f"unsupported Idefics3 config: text head_dim {t['head_dim']} != "
                 f"hidden_size / num_attention_heads = {hidden // heads}"
             )
-        theta, partial = _rope(t)
         eos = _one_id(t["eos_token_id"], "eos_token_id", 2)
         cfg = VLMConfig(
             vision=VisionConfig(
@@ -238,23 +259,7 @@ def config_from_hf(hf_config: Any) -> VLMConfig:
                 position_buckets=True,
             ),
             connector=ConnectorConfig(scale_factor=int(top["scale_factor"]), kind="linear"),
-            decoder=DecoderConfig(
-                vocab_size=int(t["vocab_size"]),
-                hidden=hidden,
-                layers=int(t["num_hidden_layers"]),
-                heads=heads,
-                kv_heads=int(t["num_key_value_heads"] or heads),
-                mlp=int(t["intermediate_size"]),
-                max_seq_len=int(t["max_position_embeddings"]),
-                rope_theta=theta,
-                partial_rotary=partial,
-                norm="rmsnorm",
-                norm_eps=float(t["rms_norm_eps"]),
-                mlp_type="swiglu",
-                attn_bias=bool(t["attention_bias"]),
-                mlp_bias=bool(t["mlp_bias"]),
-                tie_embeddings=bool(top["tie_word_embeddings"]),
-            ),
+            decoder=llama_decoder(t, hidden, heads, bool(top["tie_word_embeddings"])),
             image_token_id=_one_id(top["image_token_id"], "image_token_id", 0),
             bos_token_id=_one_id(t["bos_token_id"], "bos_token_id", 1),
             eos_token_id=eos,

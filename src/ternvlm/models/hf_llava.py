@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
+from ..config import ConnectorConfig, VisionConfig, VLMConfig
 from ..errors import TernvlmError
 from .checkpoint import CONFIG, TOKENIZER, load_weights, state_dict_for_save, weight_problems
 from .hf_idefics3 import (
@@ -59,8 +59,8 @@ from .hf_idefics3 import (
     _image_norm,
     _one_id,
     _read_json,
-    _rope,
     _square,
+    llama_decoder,
     local_folder,
     read_hf_weights,
 )
@@ -284,7 +284,6 @@ def config_from_hf(hf_config: Any) -> VLMConfig:
                 f"text head_dim {t['head_dim']} != hidden_size / num_attention_heads = "
                 f"{hidden // heads}"
             )
-        theta, partial = _rope(t, _ARCH)
         eos = _one_id(t["eos_token_id"], "eos_token_id", 2, _ARCH)
         tie = bool(top["tie_word_embeddings"]) or bool(t["tie_word_embeddings"])
         cfg = VLMConfig(
@@ -313,23 +312,7 @@ def config_from_hf(hf_config: Any) -> VLMConfig:
                 bias=bool(top["multimodal_projector_bias"]),
                 gelu=_PROJECTOR_ACTS[top["projector_hidden_act"]],
             ),
-            decoder=DecoderConfig(
-                vocab_size=int(t["vocab_size"]),
-                hidden=hidden,
-                layers=int(t["num_hidden_layers"]),
-                heads=heads,
-                kv_heads=int(t["num_key_value_heads"] or heads),
-                mlp=int(t["intermediate_size"]),
-                max_seq_len=int(t["max_position_embeddings"]),
-                rope_theta=theta,
-                partial_rotary=partial,
-                norm="rmsnorm",
-                norm_eps=float(t["rms_norm_eps"]),
-                mlp_type="swiglu",
-                attn_bias=bool(t["attention_bias"]),
-                mlp_bias=bool(t["mlp_bias"]),
-                tie_embeddings=tie,
-            ),
+            decoder=llama_decoder(t, hidden, heads, tie, _ARCH),
             image_token_id=_one_id(top["image_token_index"], "image_token_index", 0, _ARCH),
             bos_token_id=_one_id(t["bos_token_id"], "bos_token_id", 1, _ARCH),
             eos_token_id=eos,
