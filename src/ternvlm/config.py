@@ -111,7 +111,8 @@ class VLMConfig:
     architecture: str = "tinyvlm"
     quantization_config: dict[str, Any] | None = None  # set on ternary/binary checkpoints
     # Text layout and image preprocessing of a Hugging Face processor the model was loaded with
-    # (SmolVLM: image splitting, chat template, stop tokens; see models/hf_idefics3_processor.py),
+    # (SmolVLM: image splitting, chat template, stop tokens; see models/hf_idefics3_processor.py;
+    # LLaVA: chat template, image token expansion; models/hf_llava_processor.py),
     # kept so a saved or exported model is rebuilt with the same processor. None: the default
     # ``<bos> <image> x N prompt`` layout. Left out of the saved JSON when None.
     processor: dict[str, Any] | None = None

@@ -22,22 +22,28 @@ LLaVA is a configuration of our one model family, not a second network:
   (transformers' ``masked_scatter``), as :meth:`VLM.embed` does.
 
 Only the folder layout of ``save_pretrained`` is read (config.json, model.safetensors or its
-sharded index, tokenizer.json, optional preprocessor_config.json); transformers itself is not
-needed. Files name tensors as transformers' save_pretrained writes them (``language_model.model.``,
-``language_model.lm_head.``, ``vision_tower.``, ``multi_modal_projector.``; Hub files of
-transformers 4 have ``vision_tower.vision_model.``) or as transformers 5 holds them in memory
+sharded index, tokenizer.json, optional processor_config.json / preprocessor_config.json, chat
+template, generation_config.json); transformers itself is not needed. Files name tensors as
+transformers' save_pretrained writes them (``language_model.model.``, ``language_model.lm_head.``,
+``vision_tower.``, ``multi_modal_projector.``; Hub files of transformers 4 have
+``vision_tower.vision_model.``) or as transformers 5 holds them in memory
 (``model.language_model.``, ``model.vision_tower.``, ...); all are renamed to the latter, as
 transformers' conversion mapping does, and errors name tensors as the file does.
 
 Images: resized as transformers' PIL image processors do (bicubic): CLIP's shortest edge to
 ``image_size`` then a center crop, SigLIP's square resize, LLaVA's ``do_pad`` (pad to a square
-with the mean colour first); mean/std from preprocessor_config.json when present. Not covered:
+with the mean colour first); mean/std from the image processor config when present. Not covered:
 a shortest edge that differs from the crop size (e.g. 256 -> 224), other resample filters than
 bicubic, transformers' torchvision ("fast") processors (antialiased resize: pixels differ
 slightly), an image size that is not a multiple of the patch size (SigLIP-so400m-patch14-384),
 ``vision_feature_layer`` lists (several layers concatenated), LLaVA-NeXT /
-OneVision (other model types), non-llama text models and the chat template (our prompt layout
-is ``<bos> <image> x image_tokens prompt``; ``image_seq_length`` is not read).
+OneVision (other model types) and non-llama text models.
+
+Prompts: with a chat template in the folder, :func:`load_llava` returns a
+:class:`~ternvlm.models.hf_llava_processor.LlavaProcessor`: transformers' ``LlavaProcessor``
+layout (the template rendered, each ``<image>`` expanded to the image tokens), its settings
+stored in ``VLMConfig.processor`` so saved and exported models keep it. Without one the layout is
+``<bos> <image> x image_tokens prompt``.
 """
 
 from __future__ import annotations
@@ -64,7 +70,9 @@ from .hf_idefics3 import (
     local_folder,
     read_hf_weights,
 )
-from .processor import Processor
+from .hf_idefics3_processor import PROCESSOR_CONFIG, image_processor_dict
+from .hf_llava_processor import read_settings
+from .processor import Processor, processor_for
 from .tokenizer import load_tokenizer
 from .vlm import VLM
 
@@ -424,12 +432,17 @@ def _size(value: Any, what: str, path: Path) -> tuple[int, int] | int | None:
 
 
 def _preprocessing(cfg: VLMConfig, folder: Path) -> VLMConfig:
-    """Mean/std and the resize mode from preprocessor_config.json when there is one."""
-    path = folder / PREPROCESSOR
-    if not path.exists():
+    """Mean/std and the resize mode from the image processor config when there is one
+    (processor_config.json's nested ``image_processor``, as transformers 5 saves a processor, else
+    preprocessor_config.json)."""
+    pre = image_processor_dict(folder)
+    if pre is None:
         return cfg
+    nested = (folder / PROCESSOR_CONFIG).exists() and isinstance(
+        _read_json(folder / PROCESSOR_CONFIG, "processor config").get("image_processor"), dict
+    )
+    path = folder / (PROCESSOR_CONFIG if nested else PREPROCESSOR)  # named in errors
     cfg = _image_norm(cfg, folder)
-    pre = _read_json(path, "preprocessor config")
     v = cfg.vision
     n = v.image_size
     rescale = pre.get("rescale_factor", 1 / 255)
@@ -477,8 +490,11 @@ def load_llava(path: str | Path) -> tuple[VLM, Processor]:
     cfg, sd = _resolve_tie(cfg, sd)
     cfg = _preprocessing(cfg, folder)
     tok = load_tokenizer(folder / TOKENIZER)
+    settings = read_settings(folder, cfg, tok)
+    if settings is not None:  # a chat template: transformers' LlavaProcessor layout
+        cfg = dataclasses.replace(cfg, processor=settings)
     net = VLM(cfg)
     _check_weights(net, sd, where, saved)
     load_weights(net, {our_name(k): val for k, val in sd.items()}, where)
     net.eval()
-    return net, Processor(cfg, tok)
+    return net, processor_for(cfg, tok)

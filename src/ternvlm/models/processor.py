@@ -81,4 +81,8 @@ def processor_for(cfg: VLMConfig, tokenizer: Tokenizer) -> Processor:
         from .hf_idefics3_processor import SmolVLMProcessor  # splitting, chat template
 
         return SmolVLMProcessor(cfg, tokenizer)
+    if cfg.architecture == "llava" and cfg.processor is not None:
+        from .hf_llava_processor import LlavaProcessor  # chat template, image token expansion
+
+        return LlavaProcessor(cfg, tokenizer)
     return Processor(cfg, tokenizer)
