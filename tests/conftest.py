@@ -60,3 +60,18 @@ def tiny_ckpt(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("teacher") / "tiny"
     save_checkpoint(path, VLM(tiny_config(tokenizer.get_vocab_size())), tokenizer)
     return path
+
+
+@pytest.fixture(params=["connection", "offline"])
+def no_network(request, monkeypatch):
+    """huggingface_hub without network: a refused connection, or HF_HUB_OFFLINE's cache miss."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def download(*args, **kwargs):
+        if request.param == "offline":
+            raise LocalEntryNotFoundError("outgoing traffic has been disabled.")
+        raise ConnectionError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(hub, "snapshot_download", download)
+    return request.param

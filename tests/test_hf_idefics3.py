@@ -232,20 +232,7 @@ def test_bad_weights_are_named(untied, tmp_path, edit, needle):
     assert len(msg.splitlines()) == 1
 
 
-@pytest.mark.parametrize("error", ["connection", "offline"])
-def test_hub_id_without_network(monkeypatch, error):
-    hub = pytest.importorskip("huggingface_hub")
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    def no_network(*args, **kwargs):
-        if error == "offline":
-            raise LocalEntryNotFoundError(
-                "Cannot find the requested files in the disk cache and outgoing traffic has been "
-                "disabled."
-            )
-        raise ConnectionError("[Errno 101] Network is unreachable")
-
-    monkeypatch.setattr(hub, "snapshot_download", no_network)
+def test_hub_id_without_network(no_network):
     with pytest.raises(TernvlmError, match="no network.*local-dir"):
         load_idefics3("HuggingFaceTB/SmolVLM-256M-Instruct")
     with pytest.raises(TernvlmError, match="checkpoint not found"):

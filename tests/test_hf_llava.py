@@ -405,20 +405,7 @@ def test_errors_name_tensors_as_the_file_does(clip, tmp_path):
         load_checkpoint(bad)
 
 
-@pytest.mark.parametrize("error", ["connection", "offline"])
-def test_hub_id_without_network(monkeypatch, error):
-    hub = pytest.importorskip("huggingface_hub")
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    def no_network(*args, **kwargs):
-        if error == "offline":
-            raise LocalEntryNotFoundError(
-                "Cannot find the requested files in the disk cache and outgoing traffic has been "
-                "disabled."
-            )
-        raise ConnectionError("[Errno 101] Network is unreachable")
-
-    monkeypatch.setattr(hub, "snapshot_download", no_network)
+def test_hub_id_without_network(no_network):
     with pytest.raises(TernvlmError, match="no network.*local-dir"):
         load_llava("llava-hf/llava-1.5-7b-hf")
     with pytest.raises(TernvlmError, match="checkpoint not found"):

@@ -119,20 +119,27 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja"]  # chat_template.jinja
 
 
+def swap_prefix(name: str, pairs, reverse: bool = False) -> str | None:
+    """``name`` with the first matching prefix of (ours, theirs) ``pairs`` swapped (theirs ->
+    ours when ``reverse``); None when no prefix matches."""
+    for mine, theirs in pairs:
+        src, dst = (theirs, mine) if reverse else (mine, theirs)
+        if name.startswith(src):
+            return dst + name[len(src) :]
+    return None
+
+
 def hf_name(ours: str) -> str:
     """Our state-dict key -> the transformers key of the same tensor."""
-    for mine, theirs in _NAMES:
-        if ours.startswith(mine):
-            return theirs + ours[len(mine) :]
-    raise KeyError(ours)
+    name = swap_prefix(ours, _NAMES)
+    if name is None:
+        raise KeyError(ours)
+    return name
 
 
 def our_name(theirs: str) -> str | None:
     """A transformers key -> our key, or None when the tensor has no place in our model."""
-    for mine, hf in _NAMES:
-        if theirs.startswith(hf):
-            return mine + theirs[len(hf) :]
-    return None
+    return swap_prefix(theirs, _NAMES, reverse=True)
 
 
 def _as_dict(hf_config: Any) -> dict[str, Any]:

@@ -69,6 +69,7 @@ from .hf_idefics3 import (
     llama_decoder,
     local_folder,
     read_hf_weights,
+    swap_prefix,
 )
 from .hf_idefics3_processor import PROCESSOR_CONFIG, image_processor_dict
 from .hf_llava_processor import read_settings
@@ -167,18 +168,15 @@ _LEGACY_TOWER = _TOWER + "vision_model."
 
 def hf_name(ours: str) -> str:
     """Our state-dict key -> the transformers key of the same tensor."""
-    for mine, theirs in _NAMES:
-        if ours.startswith(mine):
-            return theirs + ours[len(mine) :]
-    raise KeyError(ours)
+    name = swap_prefix(ours, _NAMES)
+    if name is None:
+        raise KeyError(ours)
+    return name
 
 
 def our_name(theirs: str) -> str | None:
     """A transformers key -> our key, or None when the tensor has no place in our model."""
-    for mine, hf in _NAMES:
-        if theirs.startswith(hf):
-            return mine + theirs[len(hf) :]
-    return None
+    return swap_prefix(theirs, _NAMES, reverse=True)
 
 
 def canonical_name(name: str) -> str:
