@@ -136,7 +136,14 @@ TVK_AVX2 void DotRowsI8(const MatmulProblem& p, int64_t m0, int64_t n, int64_t n
       }
       for (; c < cstop; ++c) {
         for (int r = 0; r < R; ++r) {
-          const __m256i v = LoadChunk<kSafe>(p.w + (n + r) * p.row_bytes + 32 * c, wend);
+          const uint8_t* wr = p.w + (n + r) * p.row_bytes + 32 * c;
+          // Decode (one activation row, 4 weight rows) streams each weight byte once: ask for
+          // the rows two groups ahead. The hardware prefetchers of the Xeon keep up without it;
+          // on the AMD EPYC VM beyond-LLC matvecs went from 2.5-5 to 7-9 GB/s (9.5 measured).
+          if (MB == 1 && R == 4) {
+            _mm_prefetch(reinterpret_cast<const char*>(wr + 8 * p.row_bytes), _MM_HINT_T0);
+          }
+          const __m256i v = LoadChunk<kSafe>(wr, wend);
           for (int m = 0; m < MB; ++m) {
             const int8_t* x = a.xp + (m0 + m) * a.Kp + c * a.chunk;
             acc16[r][m] = _mm256_add_epi16(acc16[r][m], P::Dot(v, x));
