@@ -218,18 +218,23 @@ def llama_decoder(t: dict[str, Any], hidden: int, heads: int, tie: bool, arch: s
     )
 
 
+def reject_quantized(data: dict[str, Any], arch: str) -> None:
+    """A Hub checkpoint already quantized (GPTQ, AWQ, bitsandbytes...) is not a float teacher."""
+    quant = data.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise TernvlmError(
+            f"unsupported {arch} checkpoint: it is quantized ({method}); use the float checkpoint"
+        )
+
+
 def config_from_hf(hf_config: Any) -> VLMConfig:
     """A transformers ``Idefics3Config`` (object or config.json dict) -> our :class:`VLMConfig`."""
     data = _as_dict(hf_config)
     model_type = data.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise _unsupported(model_type)
-    quant = data.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise TernvlmError(
-            f"unsupported Idefics3 checkpoint: it is quantized ({method}); use the float checkpoint"
-        )
+    reject_quantized(data, "Idefics3")
     top = {**_TOP_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
     v = {**_VISION_DEFAULTS, **(data.get("vision_config") or {})}
     # Without a text_config, transformers builds llama with rms_norm_eps 1e-5 (Idefics3Config).

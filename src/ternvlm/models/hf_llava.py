@@ -69,6 +69,7 @@ from .hf_idefics3 import (
     llama_decoder,
     local_folder,
     read_hf_weights,
+    reject_quantized,
     swap_prefix,
 )
 from .hf_idefics3_processor import PROCESSOR_CONFIG, image_processor_dict
@@ -241,12 +242,7 @@ def config_from_hf(hf_config: Any) -> VLMConfig:
     model_type = data.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise _unsupported(model_type)
-    quant = data.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise TernvlmError(
-            f"unsupported LLaVA checkpoint: it is quantized ({method}); use the float checkpoint"
-        )
+    reject_quantized(data, "LLaVA")
     top = {**_TOP_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
     if "image_token_index" not in data and data.get("image_token_id") is not None:
         top["image_token_index"] = data["image_token_id"]  # LlavaConfig's attribute_map alias
