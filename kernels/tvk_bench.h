@@ -12,15 +12,17 @@ extern "C" {
 #endif
 
 // Reads all `bytes` bytes of buf once, split into `threads` contiguous parts
-// (one std::thread each, part 0 on the caller); the caller times the call.
+// (one std::thread each, part 0 on the caller), each part read as `streams`
+// interleaved sequential streams (1..64); the caller times the call.
 // *checksum = sum mod 2^64 of the buffer's little-endian 64-bit words, the
 // last partial word zero-padded, so the reads cannot be optimised away and
 // callers can check them. buf needs no alignment. Uses AVX2 when
 // tvk_active_path() says so (tvk_force_path(TVK_PATH_SCALAR) forces scalar).
 // Returns TVK_OK, TVK_ERR_NULL_POINTER (buf or checksum NULL),
-// TVK_ERR_BAD_SHAPE (bytes <= 0), TVK_ERR_BAD_THREADS (threads outside
+// TVK_ERR_BAD_SHAPE (bytes <= 0 or streams outside [1, 64]), TVK_ERR_BAD_THREADS (threads outside
 // [1, 64]) or TVK_ERR_INTERNAL (a thread could not be started).
-TVK_API int tvk_read_bandwidth(const void* buf, int64_t bytes, int threads, int64_t* checksum);
+TVK_API int tvk_read_bandwidth(const void* buf, int64_t bytes, int threads, int streams,
+                               int64_t* checksum);
 
 #ifdef __cplusplus
 }  // extern "C"

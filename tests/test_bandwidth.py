@@ -21,7 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def read_fn():
     fn = kernels.open_library().tvk_read_bandwidth
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    fn.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int64),
+    ]
     fn.restype = ctypes.c_int
     return fn
 
@@ -40,17 +46,19 @@ def expected_checksum(data: bytes) -> int:
 
 @pytest.mark.parametrize("path", kernels.available_paths())
 @pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("streams", [1, 3, 8])
 @pytest.mark.parametrize("nbytes", [1, 7, 8, 31, 33, 129, 1000, 4099, 65536 + 13])
-def test_checksum(read_fn, path, threads, nbytes):
+def test_checksum(read_fn, path, threads, streams, nbytes):
     kernels.force_path(path)
     rng = np.random.default_rng(nbytes)
     buf = rng.integers(0, 256, nbytes + 1, dtype=np.uint8)
     for offset in (0, 1):  # an unaligned start too
         view = buf[offset : offset + nbytes]
+        want = expected_checksum(view.tobytes())
         out = ctypes.c_int64(-1)
-        assert read_fn(view.ctypes.data, nbytes, threads, ctypes.byref(out)) == 0
-        assert out.value % 2**64 == expected_checksum(view.tobytes())
-        assert machine.read_checksum(view, threads) == expected_checksum(view.tobytes())
+        assert read_fn(view.ctypes.data, nbytes, threads, streams, ctypes.byref(out)) == 0
+        assert out.value % 2**64 == want
+        assert machine.read_checksum(view, threads, streams) == want
 
 
 def test_checksum_wraps(read_fn):
@@ -61,13 +69,15 @@ def test_checksum_wraps(read_fn):
 def test_bad_arguments(read_fn):
     buf = np.zeros(64, dtype=np.uint8)
     out = ctypes.c_int64()
-    assert read_fn(None, 64, 1, ctypes.byref(out)) == -1  # TVK_ERR_NULL_POINTER
-    assert read_fn(buf.ctypes.data, 64, 1, None) == -1
-    assert read_fn(buf.ctypes.data, 0, 1, ctypes.byref(out)) == -2  # TVK_ERR_BAD_SHAPE
-    assert read_fn(buf.ctypes.data, -8, 1, ctypes.byref(out)) == -2
+    assert read_fn(None, 64, 1, 1, ctypes.byref(out)) == -1  # TVK_ERR_NULL_POINTER
+    assert read_fn(buf.ctypes.data, 64, 1, 1, None) == -1
+    assert read_fn(buf.ctypes.data, 0, 1, 1, ctypes.byref(out)) == -2  # TVK_ERR_BAD_SHAPE
+    assert read_fn(buf.ctypes.data, -8, 1, 1, ctypes.byref(out)) == -2
+    for streams in (0, -1, 65):
+        assert read_fn(buf.ctypes.data, 64, 1, streams, ctypes.byref(out)) == -2
     for threads in (0, -1, 65):
-        assert read_fn(buf.ctypes.data, 64, threads, ctypes.byref(out)) == -4  # BAD_THREADS
-    assert read_fn(buf.ctypes.data, 64, 64, ctypes.byref(out)) == 0
+        assert read_fn(buf.ctypes.data, 64, threads, 1, ctypes.byref(out)) == -4  # BAD_THREADS
+    assert read_fn(buf.ctypes.data, 64, 64, 64, ctypes.byref(out)) == 0
 
 
 @pytest.mark.parametrize(
@@ -79,6 +89,9 @@ def test_bad_arguments(read_fn):
         {"threads": True},
         {"threads": 1, "mb": 0},
         {"threads": 1, "repeats": 0},
+        {"threads": 1, "streams": ()},
+        {"threads": 1, "streams": (0,)},
+        {"threads": 1, "streams": (1, 65)},
     ],
 )
 def test_read_bandwidth_bad_arguments(kwargs):
@@ -88,6 +101,12 @@ def test_read_bandwidth_bad_arguments(kwargs):
 
 def test_read_bandwidth_small():
     assert machine.read_bandwidth(2, mb=1, repeats=1) > 0
+
+
+def test_read_bandwidth_by_streams():
+    got = machine.read_bandwidth_by_streams(1, mb=1, repeats=1, streams=(1, 4))
+    assert list(got) == [1, 4] and all(v > 0 for v in got.values())
+    assert list(machine.read_bandwidth_by_streams(1, mb=1, repeats=1, streams=2)) == [2]
 
 
 def test_machine_info_keys():

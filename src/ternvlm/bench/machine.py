@@ -5,8 +5,9 @@ weight byte once, so its speed is bounded by memory bandwidth once the weights d
 last-level cache. ``read_bandwidth`` measures that ceiling with the compiled ``tvk_read_bandwidth``
 (kernels/bandwidth.cc); ``machine_info`` records what the numbers were measured on.
 
-    read_bandwidth(1)             # GB/s, one thread, 512 MiB buffer, best of 5
+    read_bandwidth(1)             # GB/s, one thread, 512 MiB buffer, best of 5 x 4 stream counts
     read_bandwidth(2, mb=1024)
+    read_bandwidth(1, streams=(1,))  # one sequential stream per thread only
     machine_info()["llc_bytes"]   # None where /sys does not say
 """
 
@@ -28,6 +29,11 @@ from ..errors import TernvlmError
 from ..runtime.kernels import open_library
 
 MAX_THREADS = 64  # the kernel's limit (kernels/bandwidth.cc)
+MAX_STREAMS = 64
+# Interleaved sequential streams per thread that read_bandwidth tries, keeping the best: AMD's
+# prefetchers reach full speed only with several streams (Zen 2 VM, 1 thread: 13-14 GB/s with
+# one, 19-20 with eight), Intel's with one. A kernel that reads 4 rows at once is 4 streams.
+STREAMS = (1, 2, 4, 8)
 _FILL = 1  # every byte; the checksum of n bytes is then (n // 8) * 0x0101010101010101
 _CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
 _read_fn: Any = None
@@ -41,6 +47,7 @@ def _read_kernel() -> Any:
         fn.argtypes = [
             ctypes.c_void_p,
             ctypes.c_int64,
+            ctypes.c_int,
             ctypes.c_int,
             ctypes.POINTER(ctypes.c_int64),
         ]
@@ -57,45 +64,63 @@ def _positive_int(name: str, v: object, upper: int | None = None) -> int:
     return int(v)
 
 
-def read_checksum(buf: np.ndarray, threads: int = 1) -> int:
+def read_checksum(buf: np.ndarray, threads: int = 1, streams: int = 1) -> int:
     """Sum mod 2**64 of buf's 64-bit words as the kernel reads them (tests check the reads)."""
     if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous or buf.nbytes == 0:
         raise TernvlmError("buf must be a non-empty C-contiguous numpy array")
     threads = _positive_int("threads", threads, MAX_THREADS)
+    streams = _positive_int("streams", streams, MAX_STREAMS)
     out = ctypes.c_int64()
-    code = _read_kernel()(buf.ctypes.data, buf.nbytes, threads, ctypes.byref(out))
+    code = _read_kernel()(buf.ctypes.data, buf.nbytes, threads, streams, ctypes.byref(out))
     if code != 0:
         raise TernvlmError(f"tvk_read_bandwidth failed (error {code})")
     return out.value % 2**64
 
 
-def read_bandwidth(threads: int, mb: int = 512, repeats: int = 5) -> float:
+def read_bandwidth(
+    threads: int, mb: int = 512, repeats: int = 5, streams: tuple[int, ...] = STREAMS
+) -> float:
     """Read bandwidth in GB/s (1e9 bytes/s) with ``threads`` threads over an ``mb`` MiB buffer.
 
     The buffer is allocated and written once, read once untimed (page faults, and warming the
-    cache for buffers that fit in it), then the best of ``repeats`` timed reads is returned: the
+    cache for buffers that fit in it), then each thread reads its part as 1, 2, 4 and 8
+    interleaved streams (``streams``), ``repeats`` times each in turn, and the best read is
+    returned: the ceiling is what the memory system can deliver in its best arrangement, and the
     best run is the one least disturbed by other work on the machine. Buffers well above the
     last-level cache give the DRAM ceiling. Each call starts its threads, so for buffers of a few
     MiB the thread start-up (tens of microseconds) is part of the time.
     """
+    return max(read_bandwidth_by_streams(threads, mb, repeats, streams).values())
+
+
+def read_bandwidth_by_streams(
+    threads: int, mb: int = 512, repeats: int = 5, streams: tuple[int, ...] = STREAMS
+) -> dict[int, float]:
+    """GB/s for each stream count of ``read_bandwidth`` (see there), measured interleaved."""
     threads = _positive_int("threads", threads, MAX_THREADS)
     nbytes = _positive_int("mb", mb) << 20
     repeats = _positive_int("repeats", repeats)
+    if isinstance(streams, numbers.Integral):
+        streams = (streams,)
+    if not streams:
+        raise TernvlmError("streams must name at least one stream count")
+    streams = tuple(_positive_int("streams", s, MAX_STREAMS) for s in streams)
     buf = np.full(nbytes, _FILL, dtype=np.uint8)
     expected = (nbytes // 8) * int.from_bytes(bytes([_FILL]) * 8, "little") % 2**64
     fn, out = _read_kernel(), ctypes.c_int64()
-    best = float("inf")
+    best = dict.fromkeys(streams, float("inf"))
     for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        code = fn(buf.ctypes.data, nbytes, threads, ctypes.byref(out))
-        elapsed = time.perf_counter() - t0
-        if code != 0:
-            raise TernvlmError(f"tvk_read_bandwidth failed (error {code})")
-        if out.value % 2**64 != expected:
-            raise TernvlmError("tvk_read_bandwidth returned a wrong checksum")
-        if i > 0:  # the first read is the warm-up
-            best = min(best, elapsed)
-    return nbytes / best / 1e9
+        for s in streams:  # interleaved, so a slow minute of the machine hits every count
+            t0 = time.perf_counter()
+            code = fn(buf.ctypes.data, nbytes, threads, s, ctypes.byref(out))
+            elapsed = time.perf_counter() - t0
+            if code != 0:
+                raise TernvlmError(f"tvk_read_bandwidth failed (error {code})")
+            if out.value % 2**64 != expected:
+                raise TernvlmError("tvk_read_bandwidth returned a wrong checksum")
+            if i > 0:  # the first round is the warm-up
+                best[s] = min(best[s], elapsed)
+    return {s: nbytes / t / 1e9 for s, t in best.items()}
 
 
 def _size_bytes(text: str) -> int | None:
