@@ -147,3 +147,26 @@ def test_bandwidth_script(tmp_path):
     assert set(data["rows"][0]["read_gbs"]) == {"1", "2"}
     assert all(v > 0 for v in data["rows"][0]["read_gbs"].values())
     assert data["rows"][0]["mb"] == 1 and "cpu" in data["machine"]
+    assert set(data["rows"][0]["by_streams_gbs"]["1"]) == {"1", "2", "4", "8"}
+    best = data["rows"][0]["best_streams"]["1"]
+    assert data["rows"][0]["read_gbs"]["1"] == data["rows"][0]["by_streams_gbs"]["1"][str(best)]
+
+
+def test_kernel_matvec_script(tmp_path):
+    out = tmp_path / "mv.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_matvec.py"), "--shapes", "64x96"]
+    cmd += ["--formats", "2bit,int8", "--acts", "int8", "--threads", "1,2", "--budget", "0.01"]
+    cmd += ["--bw-mb", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    assert "| 64x96 |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["format"], r["threads"]) for r in rows[1:]] == [
+        ("2bit", 1),
+        ("2bit", 2),
+        ("int8", 1),
+        ("int8", 2),
+    ]
+    for r in rows:
+        assert 0 < r["best_us"] <= r["median_us"]
+        if r["of_read_bw"] is not None:
+            assert r["of_read_bw_best"] >= r["of_read_bw"] > 0
