@@ -162,8 +162,7 @@ int RunMatmul(Format fmt, bool act_int8, const float* x, int64_t M, int64_t K,
   ActQuant act;
   if (act_int8) {
     const int64_t chunk = 32 * CodesPerByte(fmt);
-    const bool simd = avx2 && fmt != Format::k1p6Bit &&
-                      (scale_cols == 1 || p.group % chunk == 0);
+    const bool simd = avx2 && (scale_cols == 1 || p.group % chunk == 0);
     QuantizeActs(fmt, x, M, K, scale_cols, simd, scratch, act);
     p.act = &act;
     kernel = MatmulI8Scalar;

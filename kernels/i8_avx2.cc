@@ -8,8 +8,10 @@
 //   1bit : q = 2c - 1        -> 2 sum c x - sum x
 //   int4 : q = c - 8         -> sum c x - 8 sum x
 //   int8 : signed; |w| * sign(x, w) (vpsignb) keeps vpmaddubsw's operands legal.
+//   1.6bit: q = d - 1 per trit -> sum d x - sum x
 // int16 partial sums cannot saturate: per chunk at most 4 planes * 2 * 3 * 127
-// (2bit), 8 * 2 * 127 (1bit), 2 * 2 * 15 * 127 (int4), 2 * 128 * 127 (int8).
+// (2bit), 5 * 2 * 2 * 127 (1.6bit), 8 * 2 * 127 (1bit), 2 * 2 * 15 * 127 (int4),
+// 2 * 128 * 127 (int8).
 #include "internal.h"
 
 #if TVK_HAVE_AVX2
@@ -64,6 +66,60 @@ struct Planes<Format::k1Bit> {
   }
 };
 
+// 1.6-bit: byte b = sum_i d_i 3^i (5 trits, q = d - 1), decoded without multiplies. With
+// b = 16 h + l, b mod m = (16 h mod m + l mod m) mod m: two nibble lookups (vpshufb), an add,
+// and one conditional subtract (min_epu8(s, s - m): s - m wraps above s when s < m). Digit i
+// is (b mod 3^(i+1) - b mod 3^i) / 3^i, whose values {0, 3^i, 2 * 3^i} have distinct low nibbles,
+// so one more vpshufb turns it into 0, 1, 2. The top digit looks at (b - b mod 81) / 2 rounded
+// up (vpavgb), which also sends bytes 243-255 to digits of b mod 243, like kTrits.
+// About 40 ops per 32 bytes (160 codes) against 15 for 2-bit's 128.
+template <>
+struct Planes<Format::k1p6Bit> {
+  static constexpr int kOffsetMul = 1, kScaleMul = 1;
+  TVK_AVX2 static inline __m256i Table(const int8_t (&t)[16]) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+  }
+  TVK_AVX2 static inline __m256i Plane(const int8_t* x, int s) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * s));
+  }
+  // (a + b) mod m for a, b < m.
+  TVK_AVX2 static inline __m256i AddMod(__m256i a, __m256i b, int m) {
+    const __m256i s = _mm256_add_epi8(a, b);
+    return _mm256_min_epu8(s, _mm256_sub_epi8(s, _mm256_set1_epi8(static_cast<char>(m))));
+  }
+  TVK_AVX2 static inline __m256i Dot(__m256i v, const int8_t* x) {
+    // 16 h mod m for h = 0..15, and l mod m for the moduli below 16.
+    static constexpr int8_t kH3[16] = {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0};
+    static constexpr int8_t kH9[16] = {0, 7, 5, 3, 1, 8, 6, 4, 2, 0, 7, 5, 3, 1, 8, 6};
+    static constexpr int8_t kH27[16] = {0, 16, 5, 21, 10, 26, 15, 4, 20, 9, 25, 14, 3, 19, 8, 24};
+    static constexpr int8_t kH81[16] = {0, 16, 32, 48, 64, 80, 15, 31, 47, 63, 79, 14, 30, 46, 62, 78};
+    static constexpr int8_t kL3[16] = {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0};
+    static constexpr int8_t kL9[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 4, 5, 6};
+    // Digit from the low nibble of its difference (see above); -1 entries are never used.
+    static constexpr int8_t kD1[16] = {0, -1, -1, 1, -1, -1, 2, -1, -1, -1, -1, -1, -1, -1, -1, -1};
+    static constexpr int8_t kD2[16] = {0, -1, 2, -1, -1, -1, -1, -1, -1, 1, -1, -1, -1, -1, -1, -1};
+    static constexpr int8_t kD3[16] = {0, -1, -1, -1, -1, -1, 2, -1, -1, -1, -1, 1, -1, -1, -1, -1};
+    static constexpr int8_t kD4[16] = {0, 2, -1, -1, -1, -1, -1, -1, -1, 1, 0, -1, -1, -1, -1, -1};
+    const __m256i m15 = _mm256_set1_epi8(15);
+    const __m256i l = _mm256_and_si256(v, m15);
+    const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+    const __m256i r3 = AddMod(_mm256_shuffle_epi8(Table(kH3), h), _mm256_shuffle_epi8(Table(kL3), l), 3);
+    const __m256i r9 = AddMod(_mm256_shuffle_epi8(Table(kH9), h), _mm256_shuffle_epi8(Table(kL9), l), 9);
+    const __m256i r27 = AddMod(_mm256_shuffle_epi8(Table(kH27), h), l, 27);
+    const __m256i r81 = AddMod(_mm256_shuffle_epi8(Table(kH81), h), l, 81);
+    const __m256i d1 = _mm256_shuffle_epi8(Table(kD1), _mm256_sub_epi8(r9, r3));
+    const __m256i d2 = _mm256_shuffle_epi8(Table(kD2), _mm256_sub_epi8(r27, r9));
+    const __m256i d3 = _mm256_shuffle_epi8(Table(kD3), _mm256_sub_epi8(r81, r27));
+    const __m256i top = _mm256_avg_epu8(_mm256_sub_epi8(v, r81), _mm256_setzero_si256());
+    const __m256i d4 = _mm256_shuffle_epi8(Table(kD4), top);
+    const __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(r3, Plane(x, 0)),
+                                       _mm256_maddubs_epi16(d1, Plane(x, 1)));
+    const __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(d2, Plane(x, 2)),
+                                       _mm256_maddubs_epi16(d3, Plane(x, 3)));
+    return _mm256_add_epi16(_mm256_add_epi16(a, b), _mm256_maddubs_epi16(d4, Plane(x, 4)));
+  }
+};
+
 template <>
 struct Planes<Format::kInt4> {
   static constexpr int kOffsetMul = 8, kScaleMul = 1;
@@ -95,7 +151,11 @@ TVK_AVX2 inline int32_t HorizontalSumI32(__m256i v) {
 
 // Chunks whose int16 sums can be added before widening (no saturation).
 template <Format F>
-constexpr int kI16Chunks = F == Format::k2Bit ? 8 : F == Format::k1Bit ? 16 : F == Format::kInt4 ? 4 : 1;
+constexpr int kI16Chunks = F == Format::k2Bit    ? 8
+                           : F == Format::k1p6Bit ? 12
+                           : F == Format::k1Bit   ? 16
+                           : F == Format::kInt4   ? 4
+                                                  : 1;
 
 // kSafe: the chunk may end past `wend` (last rows of the buffer); copies the
 // bytes that exist. Kept out of the hot loops: a call there would spill every
@@ -223,7 +283,7 @@ void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1) {
     case Format::kInt4:
       return MatmulI8T<Format::kInt4>(p, n0, n1);
     case Format::k1p6Bit:
-      return MatmulI8Scalar(p, n0, n1);  // trits do not split into planes
+      return MatmulI8T<Format::k1p6Bit>(p, n0, n1);
   }
 }
 

@@ -98,7 +98,7 @@ inline int CodeAt(const uint8_t* row, int64_t k) {
 // For the SIMD kernels a row of xq is also stored permuted to match the bit
 // planes of the packed weights: a chunk is 32 bytes of one weight row, i.e.
 // 32 * CodesPerByte codes, and plane s of byte j holds code CodesPerByte*j + s
-// of the chunk (true for every format but 1.6bit), so
+// of the chunk (for 1.6bit plane s is trit s of the byte), so
 //   xp[c * chunk + s * 32 + j] = xq[c * chunk + CodesPerByte * j + s]
 // and positions past K are 0 (the weights there may be anything).
 struct ActQuant {
@@ -157,8 +157,8 @@ void UnpackAvx2(const UnpackProblem& p, int64_t n0, int64_t n1);
 // max |x| (false if any value is inf or NaN) and q = clamp(rint(x * inv), +-127).
 bool AbsMaxAvx2(const float* x, int64_t K, float* amax);
 void QuantizeRowAvx2(const float* x, int64_t K, float inv, int8_t* q);
-// int8 activations from p.act->xp, every format but 1.6bit; scale groups must
-// be whole chunks (scale_cols == 1 or group % chunk == 0).
+// int8 activations from p.act->xp, every format; scale groups must be whole
+// chunks (scale_cols == 1 or group % chunk == 0).
 void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1);
 // out[k - k0] = q[k] * srow[k / group] for k in [k0, k1); k0 must be a
 // multiple of CodesPerByte(fmt) for 1.6bit. Writes nothing outside the range.

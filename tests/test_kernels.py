@@ -371,14 +371,18 @@ def int8_act_reference(x, packed, k, scale, fmt, bias=None, clip=None):
     n=st.integers(1, 40),
     group_pick=st.integers(0, 1000),
     use_bias=st.booleans(),
+    raw_bytes=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_int8_activations_exact(fmt, m, k, n, group_pick, use_bias, seed):
+def test_int8_activations_exact(fmt, m, k, n, group_pick, use_bias, raw_bytes, seed):
     """Every path and thread count equals the float32 formula bit for bit."""
     rng = np.random.default_rng(seed)
     divisors = [d for d in range(1, k + 1) if k % d == 0]
     cols = divisors[group_pick % len(divisors)]
-    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    if raw_bytes:  # any byte (1.6-bit 243-255, 2-bit code 3): decoded like unpack()
+        packed = rng.integers(0, 256, size=(n, packed_row_bytes(k, fmt)), dtype=np.uint8)
+    else:
+        packed = pack(random_codes(rng, n, k, fmt), fmt)
     x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100)).astype(np.float32)
     if m > 1:
         x[rng.integers(m)] = 0  # an all-zero row gives 0 (+ bias)

@@ -52,10 +52,10 @@ def resolve_head(variant: str, head: str) -> str:
 
 
 def resolve_act(variant: str, act: str) -> str:
-    """1.6-bit weights keep float activations: their int8 path has no SIMD kernel (slower)."""
+    """Checks ``act``; every packed format has an int8-activation kernel (1.6-bit too)."""
     if act not in ACTS:
         raise TernvlmError(f"unknown --act {act!r}; choose from {', '.join(ACTS)}")
-    return "f32" if VARIANTS[variant][1] == "1.6bit" else act
+    return act
 
 
 class PackedLinear(nn.Module):
