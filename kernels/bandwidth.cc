@@ -41,34 +41,6 @@ uint64_t SumWordsScalar(const uint8_t* p, int64_t words) {
   return s0 + s1 + s2 + s3;
 }
 
-#if TVK_HAVE_AVX2
-__attribute__((target("avx2"))) uint64_t SumWordsAvx2(const uint8_t* p, int64_t words) {
-  // 128 bytes (two cache lines) per iteration into four accumulators.
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 16 <= words; i += 16) {
-    const uint8_t* q = p + 8 * i;
-    a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-    a1 = _mm256_add_epi64(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
-    a2 = _mm256_add_epi64(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64)));
-    a3 = _mm256_add_epi64(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 96)));
-  }
-  const __m256i a = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
-  alignas(32) uint64_t lanes[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a);
-  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + SumWordsScalar(p + 8 * i, words - i);
-}
-#endif
-
-uint64_t SumWords(const uint8_t* p, int64_t words, bool avx2) {
-#if TVK_HAVE_AVX2
-  if (avx2) return SumWordsAvx2(p, words);
-#else
-  (void)avx2;
-#endif
-  return SumWordsScalar(p, words);
-}
-
 constexpr int64_t kStepWords = 16;  // 128 bytes of one stream before moving to the next
 
 #if TVK_HAVE_AVX2
@@ -90,7 +62,23 @@ __attribute__((target("avx2"))) uint64_t SumStepsAvx2(const uint8_t* const* star
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a);
   return lanes[0] + lanes[1] + lanes[2] + lanes[3];
 }
+
+__attribute__((target("avx2"))) uint64_t SumWordsAvx2(const uint8_t* p, int64_t words) {
+  const int64_t steps = words / kStepWords;
+  return SumStepsAvx2(&p, 1, steps) +
+         SumWordsScalar(p + 8 * kStepWords * steps, words - kStepWords * steps);
+}
 #endif
+
+uint64_t SumWords(const uint8_t* p, int64_t words, bool avx2) {
+#if TVK_HAVE_AVX2
+  if (avx2) return SumWordsAvx2(p, words);
+#else
+  (void)avx2;
+#endif
+  return SumWordsScalar(p, words);
+}
+
 
 // The words split into `streams` contiguous ranges read in turn 128 bytes at a time, so the
 // memory system sees that many sequential streams at once. The sum does not depend on streams.

@@ -20,16 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def read_fn():
-    fn = kernels.open_library().tvk_read_bandwidth
-    fn.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.POINTER(ctypes.c_int64),
-    ]
-    fn.restype = ctypes.c_int
-    return fn
+    return machine._read_kernel()  # tvk_read_bandwidth with its argtypes declared
 
 
 @pytest.fixture(autouse=True)
