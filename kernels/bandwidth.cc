@@ -87,7 +87,9 @@ uint64_t SumStreams(const uint8_t* p, int64_t words, int streams, bool avx2) {
   std::vector<int64_t> begin(static_cast<size_t>(streams) + 1);
   std::vector<const uint8_t*> start(static_cast<size_t>(streams));
   for (int s = 0; s <= streams; ++s) begin[static_cast<size_t>(s)] = words * s / streams;
-  for (int s = 0; s < streams; ++s) start[static_cast<size_t>(s)] = p + 8 * begin[static_cast<size_t>(s)];
+  for (int s = 0; s < streams; ++s) {
+    start[static_cast<size_t>(s)] = p + 8 * begin[static_cast<size_t>(s)];
+  }
   const int64_t steps = words / streams / kStepWords;  // whole steps every range has
   uint64_t total = 0;
 #if TVK_HAVE_AVX2

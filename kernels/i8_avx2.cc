@@ -92,7 +92,8 @@ struct Planes<Format::k1p6Bit> {
     static constexpr int8_t kH3[16] = {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0};
     static constexpr int8_t kH9[16] = {0, 7, 5, 3, 1, 8, 6, 4, 2, 0, 7, 5, 3, 1, 8, 6};
     static constexpr int8_t kH27[16] = {0, 16, 5, 21, 10, 26, 15, 4, 20, 9, 25, 14, 3, 19, 8, 24};
-    static constexpr int8_t kH81[16] = {0, 16, 32, 48, 64, 80, 15, 31, 47, 63, 79, 14, 30, 46, 62, 78};
+    static constexpr int8_t kH81[16] = {0,  16, 32, 48, 64, 80, 15, 31,
+                                        47, 63, 79, 14, 30, 46, 62, 78};
     static constexpr int8_t kL3[16] = {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0};
     static constexpr int8_t kL9[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 4, 5, 6};
     // Digit from the low nibble of its difference (see above); -1 entries are never used.
@@ -103,8 +104,10 @@ struct Planes<Format::k1p6Bit> {
     const __m256i m15 = _mm256_set1_epi8(15);
     const __m256i l = _mm256_and_si256(v, m15);
     const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
-    const __m256i r3 = AddMod(_mm256_shuffle_epi8(Table(kH3), h), _mm256_shuffle_epi8(Table(kL3), l), 3);
-    const __m256i r9 = AddMod(_mm256_shuffle_epi8(Table(kH9), h), _mm256_shuffle_epi8(Table(kL9), l), 9);
+    const __m256i r3 =
+        AddMod(_mm256_shuffle_epi8(Table(kH3), h), _mm256_shuffle_epi8(Table(kL3), l), 3);
+    const __m256i r9 =
+        AddMod(_mm256_shuffle_epi8(Table(kH9), h), _mm256_shuffle_epi8(Table(kL9), l), 9);
     const __m256i r27 = AddMod(_mm256_shuffle_epi8(Table(kH27), h), l, 27);
     const __m256i r81 = AddMod(_mm256_shuffle_epi8(Table(kH81), h), l, 81);
     const __m256i d1 = _mm256_shuffle_epi8(Table(kD1), _mm256_sub_epi8(r9, r3));

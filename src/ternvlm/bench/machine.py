@@ -32,7 +32,7 @@ MAX_THREADS = 64  # the kernel's limit (kernels/bandwidth.cc)
 MAX_STREAMS = 64
 # Interleaved sequential streams per thread that read_bandwidth tries, keeping the best: AMD's
 # prefetchers reach full speed only with several streams (Zen 2 VM, 1 thread: 13-14 GB/s with
-# one, 19-20 with eight), Intel's with one. A kernel that reads 4 rows at once is 4 streams.
+# one, 19-20 with eight). A kernel that reads 4 rows at once is 4 streams.
 STREAMS = (1, 2, 4, 8)
 _FILL = 1  # every byte; the checksum of n bytes is then (n // 8) * 0x0101010101010101
 _CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -78,7 +78,7 @@ def read_checksum(buf: np.ndarray, threads: int = 1, streams: int = 1) -> int:
 
 
 def read_bandwidth(
-    threads: int, mb: int = 512, repeats: int = 5, streams: tuple[int, ...] = STREAMS
+    threads: int, mb: int = 512, repeats: int = 5, streams: int | tuple[int, ...] = STREAMS
 ) -> float:
     """Read bandwidth in GB/s (1e9 bytes/s) with ``threads`` threads over an ``mb`` MiB buffer.
 
@@ -94,7 +94,7 @@ def read_bandwidth(
 
 
 def read_bandwidth_by_streams(
-    threads: int, mb: int = 512, repeats: int = 5, streams: tuple[int, ...] = STREAMS
+    threads: int, mb: int = 512, repeats: int = 5, streams: int | tuple[int, ...] = STREAMS
 ) -> dict[int, float]:
     """GB/s for each stream count of ``read_bandwidth`` (see there), measured interleaved."""
     threads = _positive_int("threads", threads, MAX_THREADS)
