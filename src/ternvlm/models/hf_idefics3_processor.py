@@ -153,6 +153,20 @@ def _pick_template(value: Any, where: Path) -> str | None:
     raise TernvlmError(f"corrupt chat template in {where}: {type(value).__name__}")
 
 
+def read_chat_settings(proc: Any, s: dict[str, Any], name: str) -> None:
+    """Sets ``proc``'s chat_template, chat, special_tokens and stop_ids from stored processor
+    settings ``s`` (shared by the SmolVLM and LLaVA processors); ``name`` goes in the error."""
+    try:
+        proc.chat_template = s.get("chat_template")
+        proc.chat = bool(s.get("use_chat_template", True))
+        proc.special_tokens = dict(s.get("special_tokens") or {})
+        proc.stop_ids = tuple(int(i) for i in s.get("stop_ids") or ())
+    except (TypeError, ValueError) as exc:
+        raise TernvlmError(f"invalid {name} processor settings: {exc!r}") from None
+    if proc.chat_template is not None and not isinstance(proc.chat_template, str):
+        raise TernvlmError(f"invalid {name} processor settings: chat_template")
+
+
 def read_chat_template(folder: Path) -> str | None:
     """The processor's chat template (see the module docstring for the order), or None."""
     proc = _read_json(folder / PROCESSOR_CONFIG, "processor config") or {}
@@ -403,14 +417,9 @@ class SmolVLMProcessor(Processor):
             self.do_rescale = bool(s["do_rescale"])
             self.rescale_factor = float(s["rescale_factor"])
             self.do_normalize = bool(s["do_normalize"])
-            self.chat_template = s.get("chat_template")
-            self.chat = bool(s.get("use_chat_template", True))
-            self.special_tokens = dict(s.get("special_tokens") or {})
-            self.stop_ids = tuple(int(i) for i in s.get("stop_ids") or ())
         except (KeyError, TypeError, ValueError) as exc:
             raise TernvlmError(f"invalid SmolVLM processor settings: {exc!r}") from None
-        if self.chat_template is not None and not isinstance(self.chat_template, str):
-            raise TernvlmError("invalid SmolVLM processor settings: chat_template")
+        read_chat_settings(self, s, "SmolVLM")
         if self.image_seq_len != cfg.image_tokens or self.max_size != cfg.vision.image_size:
             raise TernvlmError(
                 f"invalid SmolVLM processor settings: image_seq_len {self.image_seq_len} / "
@@ -537,19 +546,7 @@ class SmolVLMProcessor(Processor):
         bos = self.special_tokens.get("bos_token")
         add_special = not (bos and text.startswith(bos))
         ids = self.tokenizer.encode(text, add_special_tokens=add_special).ids
-        start = len(ids)
-        if target is not None:
-            chat_end = self.end_of_utterance_id if self.uses_chat() else None
-            end = chat_end if chat_end is not None else self.cfg.eos_token_id
-            ids += self.tokens(" " + target.strip()) + [end]
-        c = self.cfg
-        if len(ids) > c.decoder.max_seq_len:
-            n_img = sum(1 for t in ids if t == c.image_token_id)
-            raise TernvlmError(
-                f"prompt is too long: {len(ids)} tokens (with {n_img} image tokens) "
-                f"> context of {c.decoder.max_seq_len}"
-            )
-        return Encoded(ids, start)
+        return self.finish(ids, target, self.end_of_utterance_id if self.uses_chat() else None)
 
     def prepare(
         self, images: list[Image.Image], prompt: str, target: str | None = None

@@ -53,6 +53,7 @@ from .hf_idefics3_processor import (
     _eos_ids,
     _read_json,
     _special_token_strings,
+    read_chat_settings,
     read_chat_template,
     render_chat_template,
     user_message,
@@ -129,14 +130,9 @@ class LlavaProcessor(Processor):
         try:
             self.image_token = str(s["image_token"])
             self.image_seq_length = int(s["image_seq_length"])
-            self.chat_template = s.get("chat_template")
-            self.chat = bool(s.get("use_chat_template", True))
-            self.special_tokens = dict(s.get("special_tokens") or {})
-            self.stop_ids = tuple(int(i) for i in s.get("stop_ids") or ())
         except (KeyError, TypeError, ValueError) as exc:
             raise TernvlmError(f"invalid LLaVA processor settings: {exc!r}") from None
-        if self.chat_template is not None and not isinstance(self.chat_template, str):
-            raise TernvlmError("invalid LLaVA processor settings: chat_template")
+        read_chat_settings(self, s, "LLaVA")
         if self.image_seq_length != cfg.image_tokens:
             raise TernvlmError(
                 f"invalid LLaVA processor settings: image_seq_length {self.image_seq_length} != "
@@ -190,16 +186,7 @@ class LlavaProcessor(Processor):
         bos = self.special_tokens.get("bos_token")
         add_special = not (bos and text.startswith(bos))
         ids = self.tokenizer.encode(self.expand(text, n), add_special_tokens=add_special).ids
-        start = len(ids)
-        c = self.cfg
-        if target is not None:
-            ids += self.tokens(" " + target.strip()) + [c.eos_token_id]
-        if len(ids) > c.decoder.max_seq_len:
-            raise TernvlmError(
-                f"prompt is too long: {len(ids)} tokens (with {n * c.image_tokens} image tokens) "
-                f"> context of {c.decoder.max_seq_len}"
-            )
-        return Encoded(ids, start)
+        return self.finish(ids, target)
 
     def prepare(
         self, images: list[Image.Image], prompt: str, target: str | None = None

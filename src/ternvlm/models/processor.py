@@ -56,12 +56,19 @@ class Processor:
         """Prompt ids (with image slots) and, when given, `` target<eos>`` appended."""
         c = self.cfg
         ids = [c.bos_token_id] + [c.image_token_id] * c.image_tokens + self.tokens(prompt)
+        return self.finish(ids, target)
+
+    def finish(self, ids: list[int], target: str | None, end: int | None = None) -> Encoded:
+        """Prompt ids + `` target<end>`` (``end``: eos unless given), checked against the
+        context: the tail every processor's ``encode`` shares."""
+        c = self.cfg
         start = len(ids)
         if target is not None:
-            ids += self.tokens(" " + target.strip()) + [c.eos_token_id]
+            ids = ids + self.tokens(" " + target.strip()) + [c.eos_token_id if end is None else end]
         if len(ids) > c.decoder.max_seq_len:
+            n_img = sum(1 for t in ids if t == c.image_token_id)
             raise TernvlmError(
-                f"prompt is too long: {len(ids)} tokens (with {c.image_tokens} image tokens) "
+                f"prompt is too long: {len(ids)} tokens (with {n_img} image tokens) "
                 f"> context of {c.decoder.max_seq_len}"
             )
         return Encoded(ids, start)
