@@ -35,7 +35,7 @@ $(ASAN_LIB): $(wildcard kernels/*.cc kernels/*.h)
 asan: $(STAMP) $(ASAN_LIB)
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 TERNVLM_KERNELS_LIB=$(abspath $(ASAN_LIB)) \
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_kernels.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_lut.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

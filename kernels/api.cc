@@ -65,14 +65,16 @@ bool ValidFormat(int f) { return f >= 0 && f < kNumFormats; }
 // Per-calling-thread scratch for quantized activations (kept between calls).
 struct ActScratch {
   std::vector<int8_t> xq, xp;
+  std::vector<uint8_t> lut;
   std::vector<int32_t> xsum;
   std::vector<float> d;
 };
 
-// Quantizes every row of x (internal.h, ActQuant) and, when `permute`, lays it
-// out for the SIMD kernels.
-void QuantizeActs(Format fmt, const float* x, int64_t M, int64_t K, int64_t scale_cols,
+// Quantizes every row of x to [-qmax, qmax] (internal.h, ActQuant) and, when
+// `permute`, lays it out for the SIMD kernels.
+void QuantizeActs(Format fmt, int qmax, const float* x, int64_t M, int64_t K, int64_t scale_cols,
                   bool permute, ActScratch& s, ActQuant& a) {
+  a.qmax = qmax;
   const int64_t cpb = CodesPerByte(fmt);
   a.chunk = 32 * cpb;
   a.Kp = (K + a.chunk - 1) / a.chunk * a.chunk;
@@ -103,7 +105,7 @@ void QuantizeActs(Format fmt, const float* x, int64_t M, int64_t K, int64_t scal
       s.d[m] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
       continue;
     }
-    const float inv = 127.f / amax;
+    const float inv = static_cast<float>(qmax) / amax;
 #if TVK_HAVE_AVX2
     if (simd) {
       QuantizeRowAvx2(xm, K, inv, q);
@@ -121,13 +123,23 @@ void QuantizeActs(Format fmt, const float* x, int64_t M, int64_t K, int64_t scal
       for (int64_t k = g * G; k < (g + 1) * G; ++k) sum += q[k];
       xs[g] = sum;
     }
-    s.d[m] = amax / 127.f;
+    s.d[m] = amax / static_cast<float>(qmax);
   }
   a.xq = s.xq.data();
   a.xsum = s.xsum.data();
   a.d = s.d.data();
   a.xp = nullptr;
+  a.lut = nullptr;
   if (!permute) return;
+#if TVK_HAVE_AVX2
+  if (fmt == Format::k2BitLut) {
+    a.lut_stride = 32 * RowBytes(fmt, K);  // 2 pairs of 16 bytes per packed byte
+    s.lut.resize(static_cast<size_t>(M * a.lut_stride));
+    BuildLutTablesAvx2(s.xq.data(), M, K, RowBytes(fmt, K), s.lut.data());
+    a.lut = s.lut.data();
+    return;
+  }
+#endif
   s.xp.assign(static_cast<size_t>(M * a.Kp), 0);
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* q = s.xq.data() + m * K;
@@ -144,7 +156,7 @@ void QuantizeActs(Format fmt, const float* x, int64_t M, int64_t K, int64_t scal
   a.xp = s.xp.data();
 }
 
-int RunMatmul(Format fmt, bool act_int8, const float* x, int64_t M, int64_t K,
+int RunMatmul(Format fmt, int act_mode, const float* x, int64_t M, int64_t K,
               const uint8_t* w, int64_t N, const float* scale, int64_t scale_cols,
               const float* bias, float clip, float* y, int threads) {
   if (x == nullptr) return TVK_ERR_NULL_POINTER;
@@ -160,14 +172,19 @@ int RunMatmul(Format fmt, bool act_int8, const float* x, int64_t M, int64_t K,
   const bool avx2 = TVK_HAVE_AVX2 && SelectPath() == TVK_PATH_AVX2;
   thread_local ActScratch scratch;
   ActQuant act;
+  const bool act_int8 = act_mode != TVK_ACT_F32;
   if (act_int8) {
-    const int64_t chunk = 32 * CodesPerByte(fmt);
+    const bool lut = fmt == Format::k2BitLut;
+    // 2bit-lut's kernel sums whole bytes (4 codes) per scale group.
+    const int64_t chunk = lut ? 4 : 32 * CodesPerByte(fmt);
     const bool simd = avx2 && (scale_cols == 1 || p.group % chunk == 0);
-    QuantizeActs(fmt, x, M, K, scale_cols, simd, scratch, act);
+    QuantizeActs(fmt, act_mode == TVK_ACT_INT7 ? 63 : 127, x, M, K, scale_cols, simd, scratch,
+                 act);
     p.act = &act;
     kernel = MatmulI8Scalar;
 #if TVK_HAVE_AVX2
     if (simd) kernel = MatmulI8Avx2;
+    if (simd && lut) align = kLutTile;
 #endif
   }
 #if TVK_HAVE_AVX2
@@ -183,7 +200,7 @@ int RunMatmul(Format fmt, bool act_int8, const float* x, int64_t M, int64_t K,
 #endif
   // Waking a worker costs more than a few microseconds of work: small products run here.
   constexpr int64_t kMinParallelBytes = 16 * 1024;
-  const int use = M * N * p.row_bytes < kMinParallelBytes ? 1 : threads;
+  const int use = M * StoredRows(fmt, N) * p.row_bytes < kMinParallelBytes ? 1 : threads;
   const bool ok = ParallelFor(use, N, align, [&](int64_t n0, int64_t n1) {
     kernel(p, n0, n1);
     Epilogue(p, n0, n1);  // while this thread's columns are still in cache
@@ -234,21 +251,21 @@ extern "C" {
 int tvk_ternary_matmul_2bit(const float* x, int64_t M, int64_t K, const uint8_t* w,
                             int64_t N, const float* scale, int64_t scale_cols,
                             const float* bias, float clip, float* y, int threads) {
-  TVK_GUARD(tvk::RunMatmul(tvk::Format::k2Bit, false, x, M, K, w, N, scale, scale_cols, bias,
+  TVK_GUARD(tvk::RunMatmul(tvk::Format::k2Bit, TVK_ACT_F32, x, M, K, w, N, scale, scale_cols, bias,
                            clip, y, threads))
 }
 
 int tvk_ternary_matmul_1p6bit(const float* x, int64_t M, int64_t K, const uint8_t* w,
                               int64_t N, const float* scale, int64_t scale_cols,
                               const float* bias, float clip, float* y, int threads) {
-  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1p6Bit, false, x, M, K, w, N, scale, scale_cols, bias,
+  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1p6Bit, TVK_ACT_F32, x, M, K, w, N, scale, scale_cols, bias,
                            clip, y, threads))
 }
 
 int tvk_binary_matmul_1bit(const float* x, int64_t M, int64_t K, const uint8_t* w,
                            int64_t N, const float* scale, int64_t scale_cols,
                            const float* bias, float clip, float* y, int threads) {
-  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1Bit, false, x, M, K, w, N, scale, scale_cols, bias,
+  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1Bit, TVK_ACT_F32, x, M, K, w, N, scale, scale_cols, bias,
                            clip, y, threads))
 }
 
@@ -270,10 +287,11 @@ int tvk_binary_unpack_1bit(const uint8_t* w, int64_t N, int64_t K, const float* 
 int tvk_matmul(int format, int act, const float* x, int64_t M, int64_t K, const uint8_t* w,
                int64_t N, const float* scale, int64_t scale_cols, const float* bias,
                float clip, float* y, int threads) {
-  if (!tvk::ValidFormat(format) || (act != TVK_ACT_F32 && act != TVK_ACT_INT8)) {
+  if (!tvk::ValidFormat(format) || act < TVK_ACT_F32 || act > TVK_ACT_INT7) {
     return TVK_ERR_BAD_FORMAT;
   }
-  TVK_GUARD(tvk::RunMatmul(static_cast<tvk::Format>(format), act == TVK_ACT_INT8, x, M, K, w,
+  if (format == TVK_FMT_2BIT_LUT && act != TVK_ACT_INT7) return TVK_ERR_BAD_FORMAT;
+  TVK_GUARD(tvk::RunMatmul(static_cast<tvk::Format>(format), act, x, M, K, w,
                            N, scale, scale_cols, bias, clip, y, threads))
 }
 
@@ -281,6 +299,13 @@ int64_t tvk_row_bytes(int format, int64_t K) {
   if (!tvk::ValidFormat(format)) return TVK_ERR_BAD_FORMAT;
   if (tvk::BadDim(K)) return TVK_ERR_BAD_SHAPE;
   return tvk::RowBytes(static_cast<tvk::Format>(format), K);
+}
+
+int64_t tvk_weight_bytes(int format, int64_t N, int64_t K) {
+  if (!tvk::ValidFormat(format)) return TVK_ERR_BAD_FORMAT;
+  if (tvk::BadDim(K) || tvk::BadDim(N)) return TVK_ERR_BAD_SHAPE;
+  const auto f = static_cast<tvk::Format>(format);
+  return tvk::StoredRows(f, N) * tvk::RowBytes(f, K);
 }
 
 int tvk_gather(int format, const int32_t* ids, int64_t n_ids, const uint8_t* w, int64_t N,
@@ -314,7 +339,8 @@ const char* tvk_error_string(int code) {
     case TVK_ERR_INTERNAL:
       return "internal error (out of memory or cannot start a thread)";
     case TVK_ERR_BAD_FORMAT:
-      return "unknown weight format or activation mode";
+      return "unknown weight format or activation mode, or a pair that does not go together "
+             "(2bit-lut takes int7 activations only)";
     case TVK_ERR_BAD_INDEX:
       return "an index is outside [0, N)";
     default:

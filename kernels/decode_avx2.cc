@@ -98,12 +98,14 @@ void DecodeRowAvx2(Format fmt, const uint8_t* row, const float* srow, int64_t gr
       return DecodeScalar<Format::kInt8>(row, srow, group, k0, k1, out);
     case Format::kInt4:
       return DecodeScalar<Format::kInt4>(row, srow, group, k0, k1, out);
+    case Format::k2BitLut:
+      return DecodeScalar<Format::k2BitLut>(row, srow, group, k0, k1, out);
   }
 }
 
 void UnpackAvx2(const UnpackProblem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    DecodeRowAvx2(p.fmt, p.w + n * p.row_bytes, p.scale + n * p.scale_cols, p.group, 0,
+    DecodeRowAvx2(p.fmt, RowPtr(p.fmt, p.w, p.row_bytes, n), p.scale + n * p.scale_cols, p.group, 0,
                   p.K, p.out + n * p.K);
   }
 }

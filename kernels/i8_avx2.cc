@@ -287,6 +287,8 @@ void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1) {
       return MatmulI8T<Format::kInt4>(p, n0, n1);
     case Format::k1p6Bit:
       return MatmulI8T<Format::k1p6Bit>(p, n0, n1);
+    case Format::k2BitLut:
+      return MatmulLutAvx2(p, n0, n1);
   }
 }
 

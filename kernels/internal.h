@@ -24,12 +24,13 @@
 namespace tvk {
 
 // Values match TVK_FMT_* (tvk.h) and the custom-op options' format field.
-enum class Format { k2Bit = 0, k1p6Bit = 1, k1Bit = 2, kInt8 = 3, kInt4 = 4 };
-constexpr int kNumFormats = 5;
+enum class Format { k2Bit = 0, k1p6Bit = 1, k1Bit = 2, kInt8 = 3, kInt4 = 4, k2BitLut = 5 };
+constexpr int kNumFormats = 6;
 
 constexpr int CodesPerByte(Format f) {
   switch (f) {
     case Format::k2Bit:
+    case Format::k2BitLut:
       return 4;
     case Format::k1p6Bit:
       return 5;
@@ -45,6 +46,17 @@ constexpr int CodesPerByte(Format f) {
 
 constexpr int64_t RowBytes(Format f, int64_t k) {
   return (k + CodesPerByte(f) - 1) / CodesPerByte(f);
+}
+
+// 2bit-lut interleaves rows in tiles of kLutTile (tvk.h): the bytes of row n
+// start at RowPtr and follow each other kLutTile bytes apart (RowStride).
+constexpr int64_t kLutTile = 32;
+constexpr int64_t StoredRows(Format f, int64_t n) {
+  return f == Format::k2BitLut ? (n + kLutTile - 1) / kLutTile * kLutTile : n;
+}
+inline const uint8_t* RowPtr(Format f, const uint8_t* w, int64_t row_bytes, int64_t n) {
+  if (f == Format::k2BitLut) return w + (n / kLutTile) * kLutTile * row_bytes + n % kLutTile;
+  return w + n * row_bytes;
 }
 
 // AVX2 tiling, shared by the dispatcher (thread chunks are multiples of
@@ -78,6 +90,10 @@ template <Format F>
 inline int CodeAt(const uint8_t* row, int64_t k) {
   if constexpr (F == Format::k2Bit) {
     return ((row[k >> 2] >> (2 * (k & 3))) & 3) - 1;  // stored 3 -> 2, as pack.unpack
+  } else if constexpr (F == Format::k2BitLut) {
+    const int pair = (row[(k >> 2) * kLutTile] >> (4 * ((k >> 1) & 1))) & 15;
+    if (pair > 8) return 0;
+    return ((k & 1) ? pair / 3 : pair % 3) - 1;
   } else if constexpr (F == Format::k1p6Bit) {
     return kTrits.q[row[k / 5]][k % 5];
   } else if constexpr (F == Format::k1Bit) {
@@ -102,12 +118,16 @@ inline int CodeAt(const uint8_t* row, int64_t k) {
 //   xp[c * chunk + s * 32 + j] = xq[c * chunk + CodesPerByte * j + s]
 // and positions past K are 0 (the weights there may be anything).
 struct ActQuant {
+  int qmax = 127;                // 127 (TVK_ACT_INT8) or 63 (TVK_ACT_INT7)
   const int8_t* xq = nullptr;    // [M, K] row-major (reference path)
   const int8_t* xp = nullptr;    // [M, Kp] permuted (SIMD path) or nullptr
   const int32_t* xsum = nullptr; // [M, scale_cols]: sum of xq per scale group
   const float* d = nullptr;      // [M]: amax / 127 (0 or NaN, see above)
   int64_t Kp = 0;                // K rounded up to whole chunks
   int64_t chunk = 0;             // codes per chunk
+  // 2bit-lut (AVX2): per row of x, 16 bytes per code pair (lut_avx2.cc), lut_stride apart.
+  const uint8_t* lut = nullptr;
+  int64_t lut_stride = 0;
 };
 
 struct MatmulProblem {
@@ -160,6 +180,11 @@ void QuantizeRowAvx2(const float* x, int64_t K, float inv, int8_t* q);
 // int8 activations from p.act->xp, every format; scale groups must be whole
 // chunks (scale_cols == 1 or group % chunk == 0).
 void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1);
+// 2bit-lut with int7 activations: lookup tables of every row of x (16 bytes per
+// code pair, 8 * row_bytes pairs; pairs past K are zero) into t, then the
+// product from them. n0 must be a multiple of kLutTile; groups whole bytes.
+void BuildLutTablesAvx2(const int8_t* xq, int64_t M, int64_t K, int64_t row_bytes, uint8_t* t);
+void MatmulLutAvx2(const MatmulProblem& p, int64_t n0, int64_t n1);
 // out[k - k0] = q[k] * srow[k / group] for k in [k0, k1); k0 must be a
 // multiple of CodesPerByte(fmt) for 1.6bit. Writes nothing outside the range.
 void DecodeRowAvx2(Format fmt, const uint8_t* row, const float* srow,

@@ -119,6 +119,7 @@ void MatmulSmallMAvx2(const MatmulProblem& p, int64_t n0, int64_t n1) {
       return MatmulBlockedAvx2(p, n0, n1);  // trits do not split into lanes
     case Format::kInt8:
     case Format::kInt4:
+    case Format::k2BitLut:
       return MatmulScalar(p, n0, n1);  // not dispatched here (api.cc)
   }
 }

@@ -11,7 +11,7 @@ template <Format F>
 void MatmulScalarT(const MatmulProblem& p, int64_t n0, int64_t n1) {
   const int64_t G = p.group;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.w + n * p.row_bytes;
+    const uint8_t* row = RowPtr(F, p.w, p.row_bytes, n);
     const float* srow = p.scale + n * p.scale_cols;
     for (int64_t m = 0; m < p.M; ++m) {
       const float* xm = p.x + m * p.K;
@@ -31,7 +31,7 @@ void MatmulScalarT(const MatmulProblem& p, int64_t n0, int64_t n1) {
 template <Format F>
 void UnpackScalarT(const UnpackProblem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.w + n * p.row_bytes;
+    const uint8_t* row = RowPtr(F, p.w, p.row_bytes, n);
     const float* srow = p.scale + n * p.scale_cols;
     float* out = p.out + n * p.K;
     for (int64_t k = 0; k < p.K; ++k) {
@@ -46,7 +46,7 @@ void MatmulI8ScalarT(const MatmulProblem& p, int64_t n0, int64_t n1) {
   const ActQuant& a = *p.act;
   const int64_t G = p.group;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = p.w + n * p.row_bytes;
+    const uint8_t* row = RowPtr(F, p.w, p.row_bytes, n);
     const float* srow = p.scale + n * p.scale_cols;
     for (int64_t m = 0; m < p.M; ++m) {
       const int8_t* xm = a.xq + m * p.K;
@@ -66,7 +66,7 @@ void GatherScalarT(const uint8_t* w, int64_t row_bytes, int64_t K, const float* 
                    int64_t scale_cols, const int32_t* ids, int64_t n_ids, float* out) {
   const int64_t G = K / scale_cols;
   for (int64_t i = 0; i < n_ids; ++i) {
-    const uint8_t* row = w + ids[i] * row_bytes;
+    const uint8_t* row = RowPtr(F, w, row_bytes, ids[i]);
     const float* srow = scale + ids[i] * scale_cols;
     for (int64_t k = 0; k < K; ++k) {
       out[i * K + k] = srow[k / G] * static_cast<float>(CodeAt<F>(row, k));
@@ -91,6 +91,8 @@ void ForFormat(Format fmt, Body&& body) {
       return body(FormatTag<Format::kInt8>{});
     case Format::kInt4:
       return body(FormatTag<Format::kInt4>{});
+    case Format::k2BitLut:
+      return body(FormatTag<Format::k2BitLut>{});
   }
 }
 

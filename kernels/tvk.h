@@ -15,6 +15,15 @@
 //   int8   : one signed byte per weight (embedding / LM head). Row = K bytes.
 //   int4   : q in [-8, 7] stored as q+8 in bits 4i..4i+3 of byte k/2
 //            (i = k%2). Row = ceil(K/2) bytes (embedding / LM head).
+//   2bit-lut: ternary, 2 bits per weight, laid out for a table-lookup kernel
+//            (T-MAC / bitnet.cpp TL style). Codes pair up along K: pair
+//            (k, k+1), k even, is the index (q_k + 1) + 3 (q_{k+1} + 1) in 0..8
+//            (9..15 decode as two zeros). Byte j of row n holds pairs 4j (low
+//            nibble) and 4j+2 (high nibble). Rows are interleaved in tiles of
+//            32: byte j of row n sits at ((n / 32) * ceil(K/4) + j) * 32 + n % 32,
+//            so the buffer holds ceil(N/32) * 32 rows (tvk_weight_bytes); the
+//            rows past N are read, never written out. Needs TVK_ACT_INT7 in
+//            tvk_matmul: a lookup adds two activations, which must fit a byte.
 //
 // scale is [N, scale_cols] row-major; scale_cols must divide K and the group
 // size is G = K / scale_cols (scale_cols == 1: one scale per output row; a
@@ -29,7 +38,8 @@
 // and returns (sum_g scale[n, g] * (float) sum_{k in g} xq[k] q[n, k]) * amax / 127
 // computed with exact integer sums (all-zero row: 0; inf/NaN in a row: NaN).
 // That is bitnet.cpp's a8 scheme; ternvlm.export.ops computes the same in
-// PyTorch so exported files match the model they come from.
+// PyTorch so exported files match the model they come from. TVK_ACT_INT7 is
+// the same with 63 in place of 127 (any format; the one 2bit-lut takes).
 //
 // Every function returns TVK_OK (0) or a negative TVK_ERR_* code and never
 // crashes on bad sizes or NULL pointers. Calls are thread-safe; concurrent
@@ -68,9 +78,10 @@ enum {
   TVK_FMT_1BIT = 2,
   TVK_FMT_INT8 = 3,
   TVK_FMT_INT4 = 4,
+  TVK_FMT_2BIT_LUT = 5,
 };
 
-enum { TVK_ACT_F32 = 0, TVK_ACT_INT8 = 1 };
+enum { TVK_ACT_F32 = 0, TVK_ACT_INT8 = 1, TVK_ACT_INT7 = 2 };
 
 // Implementation paths for tvk_force_path / tvk_active_path.
 enum {
@@ -103,6 +114,8 @@ TVK_API int tvk_matmul(int format, int act, const float* x, int64_t M, int64_t K
                        const float* bias, float clip, float* y, int threads);
 // Bytes of one packed row of K codes in `format`, or a negative error code.
 TVK_API int64_t tvk_row_bytes(int format, int64_t K);
+// Bytes of a packed N x K matrix (rows padded to whole tiles for 2bit-lut).
+TVK_API int64_t tvk_weight_bytes(int format, int64_t N, int64_t K);
 // Embedding lookup on packed rows: out[i, :] = q[ids[i], :] * scale[ids[i], k / G]
 // for i < n_ids; TVK_ERR_BAD_INDEX if any id is outside [0, N).
 TVK_API int tvk_gather(int format, const int32_t* ids, int64_t n_ids, const uint8_t* w,

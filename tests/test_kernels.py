@@ -48,8 +48,9 @@ def unpack_kernel(fmt, packed, k, scale, **kw):
 
 def dequant(packed, k, scale, fmt):
     """float64 reference weights [N, k] from the Python unpacker."""
-    s = scale.astype(np.float64).reshape(packed.shape[0], -1)
-    return unpack(packed, k, fmt).astype(np.float64) * np.repeat(s, k // s.shape[1], axis=1)
+    s = scale.astype(np.float64).reshape(scale.shape[0], -1)  # N rows (2bit-lut pads packed)
+    codes = unpack(packed, k, fmt)[: s.shape[0]]
+    return codes.astype(np.float64) * np.repeat(s, k // s.shape[1], axis=1)
 
 
 def reference(x, w, bias, clip):
@@ -335,13 +336,14 @@ def test_c_abi_rejects_bad_arguments_without_crashing():
 ALL_FORMATS = ["2bit", "1.6bit", "1bit", "int8", "int4"]
 
 
-def int8_act_reference(x, packed, k, scale, fmt, bias=None, clip=None):
-    """tvk.h's int8-activation formula in float32 numpy, operation for operation."""
-    codes = unpack(packed, k, fmt).astype(np.int64)
-    s = scale.reshape(packed.shape[0], -1).astype(np.float32)
+def int8_act_reference(x, packed, k, scale, fmt, bias=None, clip=None, qmax=127):
+    """tvk.h's int8 (qmax 127) / int7 (63) activation formula in float32 numpy, op for op."""
+    n = scale.shape[0]
+    codes = unpack(packed, k, fmt)[:n].astype(np.int64)
+    s = scale.reshape(n, -1).astype(np.float32)
     cols = s.shape[1]
     g = k // cols
-    y = np.zeros((x.shape[0], packed.shape[0]), np.float32)
+    y = np.zeros((x.shape[0], n), np.float32)
     for m, row in enumerate(x):
         amax = np.abs(row).max()
         if not np.isfinite(row).all():
@@ -349,13 +351,13 @@ def int8_act_reference(x, packed, k, scale, fmt, bias=None, clip=None):
             continue
         if amax == 0:
             continue
-        inv = np.float32(127) / amax
+        inv = np.float32(qmax) / amax
         xq = np.clip(np.rint(row * inv), -127, 127).astype(np.int64)
-        total = np.zeros(packed.shape[0], np.float32)
+        total = np.zeros(n, np.float32)
         for j in range(cols):
             dot = (codes[:, j * g : (j + 1) * g] @ xq[j * g : (j + 1) * g]).astype(np.float32)
             total = total + s[:, j] * dot
-        y[m] = total * (amax / np.float32(127))
+        y[m] = total * (amax / np.float32(qmax))
     if bias is not None:
         y = y + bias
     if clip is not None:
@@ -483,9 +485,9 @@ def test_new_entry_points_reject_bad_arguments():
     y = np.empty((2, 3), np.float32)
     args = (x.ctypes.data, 2, k, packed.ctypes.data, 3, scale.ctypes.data, 1, None, 0.0)
     assert lib.tvk_matmul(4, 1, *args, y.ctypes.data, 1) == 0
-    assert lib.tvk_matmul(5, 1, *args, y.ctypes.data, 1) == -7  # bad format
+    assert lib.tvk_matmul(6, 1, *args, y.ctypes.data, 1) == -7  # bad format
     assert lib.tvk_matmul(-1, 0, *args, y.ctypes.data, 1) == -7
-    assert lib.tvk_matmul(4, 2, *args, y.ctypes.data, 1) < 0  # bad activation mode
+    assert lib.tvk_matmul(4, 3, *args, y.ctypes.data, 1) < 0  # bad activation mode
     assert lib.tvk_row_bytes(4, 11) == 6 and lib.tvk_row_bytes(1, 11) == 3
     assert lib.tvk_row_bytes(9, 11) < 0 and lib.tvk_row_bytes(0, -1) < 0
     assert (

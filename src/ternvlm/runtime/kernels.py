@@ -22,12 +22,12 @@ import os
 import numpy as np
 
 from ..errors import TernvlmError
-from ..quant.pack import packed_row_bytes
+from ..quant.pack import packed_row_bytes, packed_rows
 
 PATHS = {"auto": 0, "scalar": 1, "avx2": 2}
 _PATH_NAMES = {1: "scalar", 2: "avx2", 3: "neon"}
-FORMAT_IDS = {"2bit": 0, "1.6bit": 1, "1bit": 2, "int8": 3, "int4": 4}  # TVK_FMT_* in tvk.h
-ACTS = {"f32": 0, "int8": 1}  # TVK_ACT_*
+FORMAT_IDS = {"2bit": 0, "1.6bit": 1, "1bit": 2, "int8": 3, "int4": 4, "2bit-lut": 5}  # TVK_FMT_*
+ACTS = {"f32": 0, "int8": 1, "int7": 2}  # TVK_ACT_*
 _lib: ctypes.CDLL | None = None
 
 
@@ -68,6 +68,8 @@ def _library() -> ctypes.CDLL:
     lib.tvk_decode_attention.restype = i32
     lib.tvk_row_bytes.argtypes = [i32, i64]
     lib.tvk_row_bytes.restype = i64
+    lib.tvk_weight_bytes.argtypes = [i32, i64, i64]
+    lib.tvk_weight_bytes.restype = i64
     lib.tvk_error_string.argtypes = [i32]
     lib.tvk_error_string.restype = ctypes.c_char_p
     lib.tvk_force_path.argtypes = [i32]
@@ -114,7 +116,13 @@ def _weights(packed, k, scale, fmt: str) -> tuple[np.ndarray, int, np.ndarray, i
     if not isinstance(packed, np.ndarray) or packed.ndim != 2:
         raise TernvlmError(f"packed must be a 2-D numpy array [N, {packed_row_bytes(k, fmt)}]")
     n = packed.shape[0]
-    _array("packed", packed, np.uint8, (n, packed_row_bytes(k, fmt)))
+    if fmt == "2bit-lut":  # the array holds whole tiles: N comes from the scale
+        if not isinstance(scale, np.ndarray) or scale.ndim not in (1, 2) or not scale.shape[0]:
+            raise TernvlmError(
+                "scale must be a numpy array [N] or [N, C] (2bit-lut takes N from it)"
+            )
+        n = scale.shape[0]
+    _array("packed", packed, np.uint8, (packed_rows(n, fmt), packed_row_bytes(k, fmt)))
     if not isinstance(scale, np.ndarray) or scale.ndim not in (1, 2):
         raise TernvlmError(f"scale must be a numpy array [N] or [N, C] with N={n}")
     cols = 1 if scale.ndim == 1 else scale.shape[1]
@@ -132,7 +140,7 @@ def _matmul(x, packed, k, scale, bias, clip, fmt: str, threads, act: str = "f32"
     if act not in ACTS:
         raise TernvlmError(f"unknown activation mode {act!r}; expected one of {', '.join(ACTS)}")
     packed, k, scale, cols = _weights(packed, k, scale, fmt)
-    n = packed.shape[0]
+    n = scale.shape[0]
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         raise TernvlmError(f"x must be a 2-D numpy array [M, {k}]")
     _array("x", x, np.float32, (x.shape[0], k))
@@ -187,11 +195,11 @@ def binary_matmul(x, packed, k, scale, bias=None, clip=None, threads: int = 1) -
 def _unpack(packed, k, scale, fmt: str, threads) -> np.ndarray:
     packed, k, scale, cols = _weights(packed, k, scale, fmt)
     threads = _int("threads", threads)
-    out = np.empty((packed.shape[0], k), dtype=np.float32)
+    out = np.empty((scale.shape[0], k), dtype=np.float32)
     code = _library().tvk_unpack(
         FORMAT_IDS[fmt],
         packed.ctypes.data,
-        packed.shape[0],
+        scale.shape[0],
         k,
         scale.ctypes.data,
         cols,
@@ -221,7 +229,7 @@ def gather(ids, packed, k, scale, fmt: str) -> np.ndarray:
         ids.ctypes.data,
         ids.shape[0],
         packed.ctypes.data,
-        packed.shape[0],
+        scale.shape[0],
         k,
         scale.ctypes.data,
         cols,

@@ -1,0 +1,176 @@
+"""2bit-lut (tile-interleaved ternary for the lookup-table kernel) and int7 activations."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ternvlm.errors import TernvlmError
+from ternvlm.quant.pack import LUT_TILE, pack, packed_row_bytes, packed_rows, unpack
+from ternvlm.runtime import kernels
+
+from .test_kernels import ALL_FORMATS, PATHS, dequant, int8_act_reference, random_codes, reference
+
+LUT = "2bit-lut"
+
+
+@pytest.fixture(autouse=True)
+def _auto_path():
+    yield
+    kernels.force_path("auto")
+
+
+def lut_matmul(x, packed, k, scale, **kw):
+    return kernels.matmul(x, packed, k, scale, fmt=LUT, act="int7", **kw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    k=st.integers(1, 400),
+    n=st.integers(1, 300),
+    group_pick=st.integers(0, 1000),
+    use_bias=st.booleans(),
+    raw_bytes=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_lut_exact_against_int7_formula(m, k, n, group_pick, use_bias, raw_bytes, seed):
+    """Every path and thread count equals tvk.h's int7 formula bit for bit, for any N and K
+    (partial tiles, K not a multiple of 4, groups of whole bytes or not) and any stored byte
+    (nibbles 9-15 decode as two zeros on every path)."""
+    rng = np.random.default_rng(seed)
+    divisors = [d for d in range(1, k + 1) if k % d == 0]
+    cols = divisors[group_pick % len(divisors)]
+    if raw_bytes:
+        shape = (packed_rows(n, LUT), packed_row_bytes(k, LUT))
+        packed = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    else:
+        packed = pack(random_codes(rng, n, k, LUT), LUT)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100)).astype(np.float32)
+    if m > 1:
+        x[rng.integers(m)] = 0  # an all-zero row gives 0 (+ bias)
+    scale = rng.uniform(0.01, 2.0, size=(n, cols)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    want = int8_act_reference(x, packed, k, scale, LUT, bias, 3.0, qmax=63)
+    for path in PATHS:
+        kernels.force_path(path)
+        for threads in (1, 2):
+            y = lut_matmul(x, packed, k, scale, bias=bias, clip=3.0, threads=threads)
+            np.testing.assert_array_equal(y, want, err_msg=f"{path} threads={threads}")
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "cols"),
+    [
+        (1, 576, 1536, 1),
+        (1, 1536, 576, 1),
+        (3, 960, 37, 15),
+        (5, 576, 64, 9),
+        (1, 4096, 8, 1),
+        (2, 2048, 1000, 1),
+        (1, 16, 130, 4),
+    ],
+)
+def test_lut_model_shapes(m, k, n, cols):
+    """Model widths, N past whole 4-tile blocks, group scales: exact, and within int7 rounding
+    of the float product."""
+    rng = np.random.default_rng(k + n)
+    packed = pack(random_codes(rng, n, k, LUT), LUT)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    scale = rng.uniform(0.01, 2.0, size=(n, cols)).astype(np.float32)
+    want = int8_act_reference(x, packed, k, scale, LUT, qmax=63)
+    for path in PATHS:
+        kernels.force_path(path)
+        np.testing.assert_array_equal(lut_matmul(x, packed, k, scale, threads=2), want)
+    ref, mag = reference(x, dequant(packed, k, scale, LUT), None, None)
+    assert (np.abs(want - ref) <= 0.04 * mag + 1e-6).all()
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_int7_activations_any_format(fmt):
+    """int7 is an activation mode of its own: every format takes it, exactly."""
+    rng = np.random.default_rng(11)
+    k, n = 300, 21
+    packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    scale = rng.uniform(0.01, 2.0, size=(n, 3)).astype(np.float32)
+    want = int8_act_reference(x, packed, k, scale, fmt, qmax=63)
+    for path in PATHS:
+        kernels.force_path(path)
+        y = kernels.matmul(x, packed, k, scale, fmt=fmt, act="int7", threads=2)
+        np.testing.assert_array_equal(y, want)
+
+
+def test_lut_non_finite_rows_are_nan():
+    rng = np.random.default_rng(3)
+    k, n = 70, 40
+    packed = pack(random_codes(rng, n, k, LUT), LUT)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    x[0, 5], x[2, 0] = np.inf, np.nan
+    for path in PATHS:
+        kernels.force_path(path)
+        y = lut_matmul(x, packed, k, np.ones(n, np.float32))
+        assert np.isnan(y[0]).all() and np.isnan(y[2]).all() and np.isfinite(y[1]).all()
+
+
+def test_lut_pack_layout_and_round_trip():
+    codes = np.zeros((33, 6), np.int64)
+    codes[0, :4] = [-1, 1, 0, 1]  # pairs (0, 2) -> 0 + 3 * 2 = 6 and (1, 2) -> 1 + 6 = 7
+    codes[32, 4:] = [1, -1]
+    p = pack(codes, LUT)
+    assert p.shape == (64, 2) and p.dtype == np.uint8  # two tiles of 32 rows, ceil(6 / 4) bytes
+    flat = p.reshape(-1)
+    assert flat[0] == 6 | (7 << 4)  # row 0, byte 0: first byte of tile 0
+    assert flat[32 + 0] == 4 | (4 << 4)  # row 0, byte 1: codes 4-5 zero, 6-7 padding
+    assert flat[64 + 32] == (2 + 3 * 0) | (4 << 4)  # row 32, byte 1 (tile 1)
+    assert np.array_equal(unpack(p, 6, LUT)[:33], codes)
+    assert not unpack(p, 6, LUT)[33:].any()  # padding rows are zero codes
+    raw = np.full((32, 1), 0xF9, np.uint8)  # nibbles 9 and 15: both pairs decode as zeros
+    assert not unpack(raw, 4, LUT).any()
+    lib = kernels._library()
+    assert lib.tvk_weight_bytes(5, 33, 6) == 64 * 2
+    assert lib.tvk_weight_bytes(0, 33, 6) == 33 * 2
+    assert lib.tvk_weight_bytes(5, 0, 6) < 0 and lib.tvk_weight_bytes(9, 1, 1) < 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 41), st.integers(0, 99))
+def test_lut_round_trip_and_c_decoder(n, k, seed):
+    rng = np.random.default_rng(seed)
+    codes = random_codes(rng, n, k, LUT)
+    p = pack(codes, LUT)
+    assert p.shape == (-(-n // LUT_TILE) * LUT_TILE, packed_row_bytes(k, LUT))
+    assert np.array_equal(unpack(p, k, LUT)[:n], codes)
+    scale = rng.uniform(0.5, 2, size=n).astype(np.float32)
+    w = (codes * scale[:, None]).astype(np.float32)
+    for path in PATHS:
+        kernels.force_path(path)
+        np.testing.assert_array_equal(kernels.unpack(p, k, scale, LUT, threads=2), w)
+        ids = np.array([n - 1, 0, n // 2], np.int32)
+        np.testing.assert_array_equal(kernels.gather(ids, p, k, scale, LUT), w[ids])
+
+
+def test_lut_rejects_other_activation_modes_and_bad_shapes():
+    rng = np.random.default_rng(0)
+    n, k = 40, 20
+    packed = pack(random_codes(rng, n, k, LUT), LUT)
+    scale = np.ones(n, np.float32)
+    x = np.ones((1, k), np.float32)
+    for act in ("f32", "int8"):
+        with pytest.raises(TernvlmError, match="int7"):
+            kernels.matmul(x, packed, k, scale, fmt=LUT, act=act)
+    with pytest.raises(TernvlmError, match="packed has shape"):
+        kernels.matmul(x, packed[:n], k, scale, fmt=LUT, act="int7")  # rows not padded to tiles
+    with pytest.raises(TernvlmError, match="packed has shape"):
+        kernels.matmul(x, packed, k, np.ones(80, np.float32), fmt=LUT, act="int7")
+    lib = kernels._library()
+    y = np.empty(n, np.float32)
+    args = (x.ctypes.data, 1, k, packed.ctypes.data, n, scale.ctypes.data, 1, None, 0.0)
+    assert lib.tvk_matmul(5, 1, *args, y.ctypes.data, 1) == -7  # TVK_ERR_BAD_FORMAT
+    assert lib.tvk_matmul(5, 3, *args, y.ctypes.data, 1) == -7
+    assert lib.tvk_matmul(5, 2, *args, y.ctypes.data, 1) == 0
+    assert ctypes.c_char_p(lib.tvk_error_string(-7)).value is not None
