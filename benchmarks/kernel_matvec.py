@@ -1,7 +1,7 @@
 """Batch-1 (decode) timing of the compiled kernels against numpy float32 and the memory roofline.
 
-For each weight shape N x K, format (2bit, 1.6bit, 1bit, int8, int4) and activation mode (f32,
-int8): the median microseconds of y[M, N] = x[M, K] . W^T through the generic C entry point
+For each weight shape N x K, format (2bit, 2bit-lut, 1.6bit, 1bit, int8, int4) and activation
+mode (f32, int8; 2bit-lut takes int7 only, and int7 is shown for 2bit-lut only): the median microseconds of y[M, N] = x[M, K] . W^T through the generic C entry point
 tvk_matmul at 1 and 2 threads, next to numpy's float32 ``x @ W.T`` (single-threaded BLAS unless
 --numpy-threads says otherwise). Decode reads every weight byte once per token, so each row also
 shows its effective weight bandwidth (packed weight bytes / median time; scales excluded) and that
@@ -36,8 +36,8 @@ _p.add_argument(
     default="576x1536,2048x2048,49152x576,16384x16384,32768x8192",
     help="comma-separated NxK (default: three below a 32 MiB LLC, two above it)",
 )
-_p.add_argument("--formats", default="2bit,1.6bit,1bit,int8,int4", help="comma-separated")
-_p.add_argument("--acts", default="f32,int8", help="activation modes, comma-separated")
+_p.add_argument("--formats", default="2bit,2bit-lut,1.6bit,1bit,int8,int4", help="comma-separated")
+_p.add_argument("--acts", default="f32,int8,int7", help="activation modes, comma-separated")
 _p.add_argument("--threads", default="1,2", help="kernel thread counts, comma-separated")
 _p.add_argument("--paths", default="auto", help="auto (the best this CPU has) or scalar,avx2")
 _p.add_argument("--numpy-threads", default="1", help="BLAS threads for the numpy baseline")
@@ -55,7 +55,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from ternvlm.bench.machine import beyond_llc_mb, machine_info, read_bandwidth  # noqa: E402
-from ternvlm.quant.pack import CODE_RANGE, pack, packed_row_bytes  # noqa: E402
+from ternvlm.quant.pack import CODE_RANGE, pack, packed_row_bytes, packed_rows  # noqa: E402
 from ternvlm.runtime import kernels  # noqa: E402
 
 PACK_LIMIT = 1 << 25  # codes; bigger matrices get random packed bytes (numpy packing is slow)
@@ -76,8 +76,8 @@ def timed_us(fn, budget: float) -> tuple[float, float]:
 def packed_weights(n: int, k: int, fmt: str, rng) -> np.ndarray:
     """uint8 [n, row bytes]: packed random codes, or random bytes (any byte value is valid)."""
     if n * k > PACK_LIMIT:
-        rb = packed_row_bytes(k, fmt)
-        return np.frombuffer(rng.bytes(n * rb), dtype=np.uint8).reshape(n, rb)
+        rb, rows = packed_row_bytes(k, fmt), packed_rows(n, fmt)
+        return np.frombuffer(rng.bytes(rows * rb), dtype=np.uint8).reshape(rows, rb)
     lo, hi = CODE_RANGE[fmt]
     if fmt == "1bit":
         codes = rng.choice(np.array([-1, 1], dtype=np.int8), (n, k))
@@ -133,6 +133,8 @@ def bench_shape(n: int, k: int, rng, read_gbs: dict[int, float], llc: int | None
     for fmt in ARGS.formats.split(","):
         packed = packed_weights(n, k, fmt, rng)
         for act in ARGS.acts.split(","):
+            if (fmt == "2bit-lut") != (act == "int7"):
+                continue  # 2bit-lut needs int7; int7 elsewhere only repeats int8's speed
             args = (kernels.FORMAT_IDS[fmt], kernels.ACTS[act], x.ctypes.data, m, k)
             args += (packed.ctypes.data, n, scale.ctypes.data, cols, None, 0.0, y.ctypes.data)
             scalar_us = None

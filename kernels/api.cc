@@ -258,8 +258,8 @@ int tvk_ternary_matmul_2bit(const float* x, int64_t M, int64_t K, const uint8_t*
 int tvk_ternary_matmul_1p6bit(const float* x, int64_t M, int64_t K, const uint8_t* w,
                               int64_t N, const float* scale, int64_t scale_cols,
                               const float* bias, float clip, float* y, int threads) {
-  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1p6Bit, TVK_ACT_F32, x, M, K, w, N, scale, scale_cols, bias,
-                           clip, y, threads))
+  TVK_GUARD(tvk::RunMatmul(tvk::Format::k1p6Bit, TVK_ACT_F32, x, M, K, w, N, scale, scale_cols,
+                           bias, clip, y, threads))
 }
 
 int tvk_binary_matmul_1bit(const float* x, int64_t M, int64_t K, const uint8_t* w,

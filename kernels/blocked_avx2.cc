@@ -70,7 +70,8 @@ void MatmulBlockedAvx2(const MatmulProblem& p, int64_t n0, int64_t n1) {
       const int64_t kc = std::min(kBlockK, p.K - k0);
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t n = nb0 + j;
-        DecodeRowAvx2(p.fmt, RowPtr(p.fmt, p.w, p.row_bytes, n), p.scale + n * p.scale_cols, p.group,
+        const uint8_t* row = RowPtr(p.fmt, p.w, p.row_bytes, n);
+        DecodeRowAvx2(p.fmt, row, p.scale + n * p.scale_cols, p.group,
                       k0, k0 + kc, b + j * kBlockK);
       }
       for (int64_t m0 = 0; m0 < p.M; m0 += 4) {

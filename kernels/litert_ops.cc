@@ -19,9 +19,10 @@ const char* const kOpNames[kNumOps] = {"TernaryMatMul", "TernaryMatMul158", "Bin
 
 namespace {
 
-constexpr int kNumFormats = 5;
-constexpr int kCodesPerByte[kNumFormats] = {4, 5, 8, 1, 2};
-constexpr const char* kFormatNames[kNumFormats] = {"2bit", "1.6bit", "1bit", "int8", "int4"};
+constexpr int kNumFormats = 6;
+constexpr int kCodesPerByte[kNumFormats] = {4, 5, 8, 1, 2, 4};
+constexpr const char* kFormatNames[kNumFormats] = {"2bit", "1.6bit", "1bit",
+                                                   "int8", "int4", "2bit-lut"};
 constexpr int64_t kMaxDim = int64_t{1} << 31;  // tvk's limit on every size
 
 // The weight format a matmul op is bound to; -1 for ops that take any format.
@@ -37,6 +38,22 @@ int MatMulFormat(OpKind kind) {
 }
 
 bool IsMatMul(OpKind kind) { return MatMulFormat(kind) >= 0; }
+
+// TernaryMatMul also takes its weights tile-interleaved for the lookup-table kernel.
+bool FormatFits(OpKind kind, int format) {
+  return format == MatMulFormat(kind) ||
+         (kind == kTernaryMatMul && format == TVK_FMT_2BIT_LUT);
+}
+
+// Rows of W (N) from the weight and scale shapes, and the rows the weight tensor must hold:
+// 2bit-lut pads N to whole tiles of 32 and takes N from the scale.
+int64_t WeightRows(int format, int64_t n) {
+  return format == TVK_FMT_2BIT_LUT ? (n + 31) / 32 * 32 : n;
+}
+
+int ActMode(const OpOptions& opt) {
+  return opt.act_int7 ? TVK_ACT_INT7 : opt.act_int8 ? TVK_ACT_INT8 : TVK_ACT_F32;
+}
 
 // Inputs of each op: x, w, scale, bias (matmul); w, scale (unpack); ids, w, scale (embedding).
 size_t NumInputs(OpKind kind) {
@@ -112,7 +129,7 @@ std::string ExpectConstant(const TensorDesc& t, const char* role, size_t bytes) 
 
 bool SameOptions(const OpOptions& a, const OpOptions& b) {
   return a.format == b.format && a.k == b.k && a.has_bias == b.has_bias &&
-         a.act_int8 == b.act_int8 && a.clip == b.clip && a.heads == b.heads &&
+         a.act_int8 == b.act_int8 && a.act_int7 == b.act_int7 && a.clip == b.clip && a.heads == b.heads &&
          a.kv_heads == b.kv_heads && a.head_dim == b.head_dim && a.rot_dim == b.rot_dim &&
          a.scale == b.scale;
 }
@@ -170,11 +187,18 @@ std::string ParseOptions(OpKind kind, const void* data, size_t size, OpOptions* 
   if (std::memcmp(b, "TVK1", 4) != 0) return "custom options do not start with \"TVK1\"";
   if (version != 1) return "custom options version " + std::to_string(version) + ", expected 1";
   if (format < 0 || format >= kNumFormats) return "unknown format " + std::to_string(format);
-  if (IsMatMul(kind) && format != MatMulFormat(kind)) {
+  if (!IsMatMul(kind) && format == TVK_FMT_2BIT_LUT) {
+    return std::string(kOpNames[kind]) + " does not take 2bit-lut weights (TernaryMatMul does)";
+  }
+  if (IsMatMul(kind) && !FormatFits(kind, format)) {
     return std::string("format ") + kFormatNames[format] + " does not match the op (" +
            kFormatNames[MatMulFormat(kind)] + ")";
   }
-  if (flags & ~3) return "unknown flags " + std::to_string(flags);
+  if (flags & ~7) return "unknown flags " + std::to_string(flags);
+  if ((flags & 6) == 6) return "flags ask for both int8 and int7 activations";
+  if (format == TVK_FMT_2BIT_LUT && !(flags & 4)) {
+    return "2bit-lut weights need int7 activations (flag bit 2)";
+  }
   if (reserved != 0) return "reserved field is " + std::to_string(reserved) + ", expected 0";
   if (k <= 0 || k >= kMaxDim) return "k = " + std::to_string(k) + " is out of range";
   if (std::isnan(clip) || std::isinf(clip)) return "clip is not a finite number";
@@ -185,6 +209,7 @@ std::string ParseOptions(OpKind kind, const void* data, size_t size, OpOptions* 
   out->k = k;
   out->has_bias = (flags & 1) != 0;
   out->act_int8 = (flags & 2) != 0;
+  out->act_int7 = (flags & 4) != 0;
   out->clip = clip > 0 ? clip : 0.0f;
   return "";
 }
@@ -257,9 +282,16 @@ std::string ValidateNode(OpKind kind, const OpOptions& opt, const std::vector<Te
   std::string e;
   if (!(e = Expect(w, "packed weights", kLiteRtElementTypeInt8, 2)).empty()) return e;
   if (!(e = Expect(scale, "scale", kLiteRtElementTypeFloat32, 2)).empty()) return e;
-  const int64_t n = w.type.layout.dimensions[0], rb = w.type.layout.dimensions[1];
+  const bool lut = opt.format == TVK_FMT_2BIT_LUT;
+  const int64_t rb = w.type.layout.dimensions[1], stored = w.type.layout.dimensions[0];
+  const int64_t n = lut ? scale.type.layout.dimensions[0] : stored;
   const int64_t cols = scale.type.layout.dimensions[1];
   if (n < 1) return "packed weights '" + w.name + "' have no rows";
+  if (stored != WeightRows(opt.format, n)) {
+    return "packed weights '" + w.name + "' have " + std::to_string(stored) +
+           " rows; 2bit-lut stores the " + std::to_string(n) +
+           " rows of its scale in whole tiles of 32: " + std::to_string(WeightRows(opt.format, n));
+  }
   if (rb != RowBytes(opt.k, opt.format)) {
     return "packed weights '" + w.name + "' have rows of " + std::to_string(rb) + " bytes; " +
            kFormatNames[opt.format] + " rows of k = " + std::to_string(opt.k) + " take " +
@@ -270,7 +302,9 @@ std::string ValidateNode(OpKind kind, const OpOptions& opt, const std::vector<Te
            ", expected [" + std::to_string(n) + ", C] with C dividing k = " +
            std::to_string(opt.k);
   }
-  if (!(e = ExpectConstant(w, "packed weights", static_cast<size_t>(n * rb))).empty()) return e;
+  if (!(e = ExpectConstant(w, "packed weights", static_cast<size_t>(stored * rb))).empty()) {
+    return e;
+  }
   if (!(e = ExpectConstant(scale, "scale", static_cast<size_t>(n * cols) * 4)).empty()) return e;
   const TensorDesc& y = out[0];
   if (y.data != nullptr) return "output '" + y.name + "' is a constant of the model";
@@ -464,7 +498,12 @@ LiteRtStatus GetOutputLayouts(void* user_data, size_t num_inputs, const LiteRtLa
   }
   const LiteRtLayout& w = in[WeightIndex(kind)];
   const LiteRtLayout& s = in[WeightIndex(kind) + 1];
-  if (w.rank != 2 || s.rank != 2 || s.dimensions[0] != w.dimensions[0] || s.dimensions[1] < 1) {
+  // Weight rows are N, or N in whole tiles of 32 (TernaryMatMul on 2bit-lut weights).
+  const bool rows_ok = w.rank == 2 && s.rank == 2 &&
+                       (s.dimensions[0] == w.dimensions[0] ||
+                        (kind == kTernaryMatMul && w.dimensions[0] == WeightRows(TVK_FMT_2BIT_LUT,
+                                                                                 s.dimensions[0])));
+  if (!rows_ok || s.dimensions[1] < 1) {
     return Fail(u->ctx, kind,
                 "bad weight or scale shape " + ShapeString(w) + ", " + ShapeString(s));
   }
@@ -497,7 +536,7 @@ LiteRtStatus GetOutputLayouts(void* user_data, size_t num_inputs, const LiteRtLa
     }
     y = x;
     y.has_strides = 0;
-    y.dimensions[x.rank - 1] = w.dimensions[0];
+    y.dimensions[x.rank - 1] = s.dimensions[0];
   }
   *out = y;
   return kLiteRtStatusOk;
@@ -587,7 +626,10 @@ LiteRtStatus Run(void* user_data, size_t num_inputs, const LiteRtTensorBuffer* i
       y.type.element_type != kLiteRtElementTypeFloat32) {
     return Fail(ctx, kind, "unexpected weight, scale or output type");
   }
-  const int64_t n = wl.dimensions[0], rb = wl.dimensions[1], cols = sl.dimensions[1];
+  // 2bit-lut (the only format whose weight rows are not N): N from the scale, checked below
+  // against the node and the weight rows against N.
+  const int64_t rb = wl.dimensions[1], cols = sl.dimensions[1];
+  const int64_t n = wl.dimensions[0] == sl.dimensions[0] ? wl.dimensions[0] : sl.dimensions[0];
   int64_t m = 1, k = 0;
   const LiteRtLayout& xl = x.type.layout;
   if (unpack) {
@@ -626,13 +668,14 @@ LiteRtStatus Run(void* user_data, size_t num_inputs, const LiteRtTensorBuffer* i
     return Fail(ctx, kind, "cannot tell which node runs (weights " + ShapeString(wl) + ")");
   }
   const OpOptions& opt = node->opt;
-  if (k != opt.k || rb != node->row_bytes || cols != node->scale_cols || n != node->n) {
+  if (k != opt.k || rb != node->row_bytes || cols != node->scale_cols || n != node->n ||
+      wl.dimensions[0] != WeightRows(opt.format, n)) {
     return Fail(ctx, kind, node->where + ": operands do not match the node's options");
   }
   // Sizes of what the kernels read and write (every size < 2^31: products fit int64).
   const size_t out_elems = static_cast<size_t>(unpack ? n * k : embed ? m * k : m * n);
   const size_t in_bytes = static_cast<size_t>(unpack ? 0 : embed ? m * 4 : m * k * 4);
-  const bool sizes_ok = w.size >= static_cast<size_t>(n * rb) &&
+  const bool sizes_ok = w.size >= static_cast<size_t>(WeightRows(opt.format, n) * rb) &&
                         s.size >= static_cast<size_t>(n * cols) * 4 &&
                         y.size >= out_elems * 4 && x.size >= in_bytes &&
                         (!IsMatMul(kind) || !opt.has_bias || b.size >= static_cast<size_t>(n) * 4);
@@ -649,7 +692,7 @@ LiteRtStatus Run(void* user_data, size_t num_inputs, const LiteRtTensorBuffer* i
     code = tvk_gather(opt.format, static_cast<const int32_t*>(x.data), m, wp, n, k, sp, cols, yp);
   } else {
     const float* bp = opt.has_bias ? static_cast<const float*>(b.data) : nullptr;
-    code = tvk_matmul(opt.format, opt.act_int8 ? TVK_ACT_INT8 : TVK_ACT_F32,
+    code = tvk_matmul(opt.format, ActMode(opt),
                       static_cast<const float*>(x.data), m, k, wp, n, sp, cols, bp, opt.clip, yp,
                       ctx->threads());
   }

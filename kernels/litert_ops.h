@@ -1,6 +1,7 @@
 // ternvlm's LiteRT custom operators (internal to the driver, not a C ABI).
 //
 //   TernaryMatMul     (x f32 [..., K], w int8 [N, ceil(K/4)], scale f32 [N, C], bias f32 [N])
+//                     or 2bit-lut weights: w [ceil(N/32) * 32, ceil(K/4)], tile-interleaved
 //   TernaryMatMul158  (same, w [N, ceil(K/5)], 5 trits per byte)
 //   BinaryMatMul      (same, w [N, ceil(K/8)], 1 bit per weight)
 //   Int8MatMul        (same, w [N, K], one signed byte per weight: LM heads)
@@ -23,9 +24,9 @@
 // refuses uint8 constants; the bits are the same). C divides K. Custom options
 // are 32 little-endian bytes (not flexbuffers):
 //   char magic[4] = "TVK1"; int32 version = 1; int32 format (TVK_FMT_*: 0 = 2bit,
-//   1 = 1.6bit, 2 = 1bit, 3 = int8, 4 = int4); int32 flags (bit 0: has_bias,
-//   bit 1: int8 activations, matmuls only); int64 k; float clip (<= 0: none);
-//   int32 reserved = 0.
+//   1 = 1.6bit, 2 = 1bit, 3 = int8, 4 = int4, 5 = 2bit-lut); int32 flags (bit 0:
+//   has_bias, bit 1: int8 activations, bit 2: int7 activations, matmuls only;
+//   2bit-lut needs bit 2); int64 k; float clip (<= 0: none); int32 reserved = 0.
 //
 // How the runtime calls us (litert/runtime/custom_op_dispatcher.cc): one
 // user_data per registered op name, shared by every node of that op in every
@@ -67,10 +68,11 @@ extern const char* const kOpNames[kNumOps];
 constexpr size_t kOptionsSize = 32;
 
 struct OpOptions {
-  int format = 0;  // TVK_FMT_*: 0 2bit, 1 1.6bit, 2 1bit, 3 int8, 4 int4
+  int format = 0;  // TVK_FMT_*: 0 2bit, 1 1.6bit, 2 1bit, 3 int8, 4 int4, 5 2bit-lut
   int64_t k = 0;
   bool has_bias = false;
   bool act_int8 = false;  // quantize activations per row to int8 (tvk.h TVK_ACT_INT8)
+  bool act_int7 = false;  // ... or to int7 (TVK_ACT_INT7; what 2bit-lut needs)
   float clip = 0.0f;  // <= 0: none
   // DecodeAttention
   int heads = 0, kv_heads = 0, head_dim = 0, rot_dim = 0;

@@ -6,9 +6,9 @@
 // one for vpmaddubsw, and half the instructions per weight byte of the 2bit
 // kernel). The bytes of even and odd rows widen into two int16 accumulators:
 // one takes the byte pairs as words (even + 256 * odd, wrapping), the other the
-// odd bytes, and even = words - 256 * odd once per block. A block is at most 64
-// bytes of a row (2 * 64 lookups of at most 254: below 2^15), then it goes to
-// int32. Four tiles (128 rows, four weight streams) go through the loop
+// odd bytes, and even = words - 256 * odd once per block. A block is at most 128
+// bytes of a row (2 * 128 lookups of at most 254 = 65024: below 2^16), then it
+// goes to int32. Four tiles (128 rows, four weight streams) go through the loop
 // together and share each table load.
 #include "internal.h"
 
@@ -22,7 +22,7 @@
 namespace tvk {
 namespace {
 
-constexpr int64_t kLutBlock = 64;  // packed bytes per row between int16 -> int32 flushes
+constexpr int64_t kLutBlock = 128;  // packed bytes per row between int16 -> int32 flushes
 
 // Adds one tile's int16 block sums to its int32 sums acc[4]: even rows from the
 // low and high words (unpacklo / unpackhi), then odd rows likewise.
@@ -54,10 +54,9 @@ TVK_AVX2 void TileSums(const uint8_t* w, int64_t row_bytes, int64_t tile, const 
     __m256i e[TT], o[TT];
     for (int q = 0; q < TT; ++q) e[q] = o[q] = _mm256_setzero_si256();
     for (int64_t j = b0; j < b1; ++j) {
-      const __m256i t0 =
-          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tab + 32 * j)));
-      const __m256i t1 = _mm256_broadcastsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(tab + 32 * j + 16)));
+      const __m128i* tj = reinterpret_cast<const __m128i*>(tab + 32 * j);
+      const __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(tj));
+      const __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(tj + 1));
       for (int q = 0; q < TT; ++q) {
         const __m256i v = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(base + (q * row_bytes + j) * kLutTile));
@@ -90,7 +89,8 @@ TVK_AVX2 void LutTiles(const MatmulProblem& p, int64_t m, int64_t tile, int64_t 
       const int64_t n0 = (tile + q) * kLutTile;
       const int rows = static_cast<int>(std::min<int64_t>(kLutTile, n1 - n0));
       for (int r = 0; r < rows; ++r) {
-        total[q][r] += p.scale[(n0 + r) * p.scale_cols + g] * static_cast<float>(acc[q][AccIndex(r)] - offset);
+        const float dot = static_cast<float>(acc[q][AccIndex(r)] - offset);
+        total[q][r] += p.scale[(n0 + r) * p.scale_cols + g] * dot;
       }
     }
   }

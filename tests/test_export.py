@@ -103,7 +103,13 @@ def test_graphs_equal_model(tokenizer, variant, decoder):
 
 @pytest.mark.parametrize(
     ("variant", "head"),
-    [("ternary", "int8"), ("ternary", "int4"), ("binary", "int8"), ("fp32", "int4")],
+    [
+        ("ternary", "int8"),
+        ("ternary", "int4"),
+        ("binary", "int8"),
+        ("fp32", "int4"),
+        ("ternary-lut", "int8"),
+    ],
 )
 @pytest.mark.parametrize("tie", [True, False])
 @torch.no_grad()
@@ -226,6 +232,7 @@ EXPORTS = {
     "binary": ("binary", "f32", "int8"),
     "fp32-int4": ("fp32", "int8", "int4"),
     "ternary-last": ("ternary", "int8", "auto"),  # --prefill-logits last
+    "ternary-lut": ("ternary-lut", "int8", "auto"),  # int7 activations, tile-interleaved weights
 }
 
 
@@ -243,6 +250,7 @@ EXPORTS = {
         ("binary", "litert"),
         ("fp32-int4", "litert"),
         ("ternary-last", "litert"),
+        ("ternary-lut", "litert"),
     ],
 )
 def test_tflite_matches_pytorch(exported, name, backend):
@@ -260,10 +268,11 @@ def test_tflite_matches_pytorch(exported, name, backend):
     model = export_copy(model, variant, act, head)
     data = files[name].read_bytes()
     assert check_aligned(data) == []
-    tv = TfliteVLM(files[name], backend=backend, threads=2 if variant == "ternary" else 1)
+    two = variant in ("ternary", "ternary-lut")
+    tv = TfliteVLM(files[name], backend=backend, threads=2 if two else 1)
     assert tv.cfg.to_dict() == model.cfg.to_dict() and tv.prefill_len == 40
     assert tv.export_info["ops"] == variant
-    fused = variant in ("ternary", "ternary158", "binary")  # q/k/v fused: one attention node
+    fused = variant in ("ternary", "ternary158", "binary", "ternary-lut")  # q/k/v fused
     assert ("DecodeAttention" in tv.export_info["custom_ops"]) == fused
     parts = tv.export_info["parts"]
     assert set(parts) == {"vision", "connector", "layers", "embedding", "head"}

@@ -174,3 +174,20 @@ def test_lut_rejects_other_activation_modes_and_bad_shapes():
     assert lib.tvk_matmul(5, 3, *args, y.ctypes.data, 1) == -7
     assert lib.tvk_matmul(5, 2, *args, y.ctypes.data, 1) == 0
     assert ctypes.c_char_p(lib.tvk_error_string(-7)).value is not None
+
+
+@pytest.mark.parametrize("k", [4, 512, 516, 1028, 4100])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_lut_extreme_sums(k, sign):
+    """Every lookup at its largest (254: all codes +1, all activations +63) or smallest (2) for
+    whole int16 blocks of 128 bytes and beyond: no wrap-around."""
+    n = 130
+    packed = pack(np.full((n, k), sign), LUT)
+    x = np.full((2, k), 0.5, np.float32)
+    x[1] *= -1
+    scale = np.ones(n, np.float32)
+    want = int8_act_reference(x, packed, k, scale, LUT, qmax=63)
+    assert want[0, 0] == np.float32(sign * 63 * k) * np.float32(0.5 / 63)
+    for path in PATHS:
+        kernels.force_path(path)
+        np.testing.assert_array_equal(lut_matmul(x, packed, k, scale, threads=2), want)

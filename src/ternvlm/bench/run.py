@@ -1,8 +1,8 @@
 """``ternvlm bench``: every variant of one model measured in one run, side by side.
 
 For a model (a trained checkpoint, or a preset with random weights) it exports each variant
-(fp32, dynamic-range int8, ternary, ternary158, unpack, binary) once, then measures them in
-fresh child processes (bench/child.py), interleaved: round r runs every (threads, variant) once
+(fp32, dynamic-range int8, ternary, ternary-lut, ternary158, unpack, binary) once, then measures
+them in fresh child processes (bench/child.py), interleaved: round r runs every (threads, variant) once
 before round r + 1 starts, so machine noise hits all variants alike. Optionally the same
 decoder on llama.cpp (``--peer llama.cpp``) in the same rounds. Trained models also get
 perplexity and QA accuracy of each exported file on LiteRT. Output: bench.json, bench.md and
@@ -23,13 +23,15 @@ from tqdm import tqdm
 from ..errors import TernvlmError
 from .proc import run_child, spread
 
-VARIANTS = ("fp32", "int8", "ternary", "ternary158", "unpack", "binary")
+VARIANTS = ("fp32", "int8", "ternary", "ternary-lut", "ternary158", "unpack", "binary")
+TERNARY_ROWS = ("ternary", "ternary-lut")  # the rows the targets are checked for
 # variant -> which checkpoint it is exported from
 _SOURCE = {
     "fp32": "float",
     "int8": "float",
     "ternary": "ternary",
     "ternary158": "ternary",
+    "ternary-lut": "ternary",
     "unpack": "ternary",
     "binary": "binary",
 }
@@ -302,30 +304,31 @@ def checks(result: dict) -> list[dict]:
     def add(name: str, value: float | None, target: str, ok: bool) -> None:
         out.append({"check": name, "measured": value, "target": target, "holds": ok})
 
-    for t in sorted({r["threads"] for r in rows}):
-        at = {r["variant"]: r for r in rows if r["threads"] == t}
-        tern = _median_of(at.get("ternary", {}), "decode_tok_s")
-        if tern is None:
-            continue
-        for other, target in (("fp32", 3.0), ("int8", 1.5), (next(iter(PEER_CONFIGS)), 1.0)):
-            base = _median_of(at.get(other, {}), "decode_tok_s")
-            if base:
-                ratio = tern / base
-                add(
-                    f"ternary / {other} decode tok/s, {t} thread(s)",
-                    ratio,
-                    f">= {target:g}x",
-                    ratio >= target,
-                )
+    for name in TERNARY_ROWS:
+        for t in sorted({r["threads"] for r in rows}):
+            at = {r["variant"]: r for r in rows if r["threads"] == t}
+            tern = _median_of(at.get(name, {}), "decode_tok_s")
+            if tern is None:
+                continue
+            for other, target in (("fp32", 3.0), ("int8", 1.5), (next(iter(PEER_CONFIGS)), 1.0)):
+                base = _median_of(at.get(other, {}), "decode_tok_s")
+                if base:
+                    ratio = tern / base
+                    add(
+                        f"{name} / {other} decode tok/s, {t} thread(s)",
+                        ratio,
+                        f">= {target:g}x",
+                        ratio >= target,
+                    )
     q = result.get("quantized_layers_mb")
     if q:
         ratio = q["ternary"] / q["fp32"]
         add("quantized layers: ternary / fp32 bytes", ratio, "<= 0.1", ratio <= 0.1)
     for r in rows:
-        if r["variant"] == "ternary" and r.get("decode_rss_ratio") is not None:
+        if r["variant"] in TERNARY_ROWS and r.get("decode_rss_ratio") is not None:
             v = r["decode_rss_ratio"]
             add(
-                f"ternary RSS while decoding / (file + KV), {r['threads']} thread(s)",
+                f"{r['variant']} RSS while decoding / (file + KV), {r['threads']} thread(s)",
                 v,
                 "<= 1.3",
                 v <= 1.3,

@@ -23,22 +23,28 @@ from ..errors import TernvlmError
 from ..quant.api import quant_layers
 from ..quant.intq import quantize_rows
 from ..quant.linear import QuantLinear, expand
-from ..quant.pack import pack
+from ..quant.pack import pack, unpack
 from . import ops
 
 # --ops name -> (linear mode, pack format or None)
 VARIANTS = {
     "ternary": ("custom", "2bit"),
     "ternary158": ("custom", "1.6bit"),
+    "ternary-lut": ("custom", "2bit-lut"),
     "binary": ("custom", "1bit"),
     "unpack": ("unpack", "2bit"),
     "ternary-builtin": ("builtin", "2bit"),
     "fp32": ("float", None),
     "int8": ("float", None),
 }
-ACTS = ("int8", "f32")
+ACTS = ("int8", "f32", "int7")
 HEADS = ("auto", "fp32", "int8", "int4")
-_BITS = {"2bit": "ternary 2-bit", "1.6bit": "ternary 1.6-bit", "1bit": "binary 1-bit"}
+_BITS = {
+    "2bit": "ternary 2-bit",
+    "1.6bit": "ternary 1.6-bit",
+    "1bit": "binary 1-bit",
+    "2bit-lut": "ternary 2-bit LUT",
+}
 
 
 def resolve_head(variant: str, head: str) -> str:
@@ -52,18 +58,27 @@ def resolve_head(variant: str, head: str) -> str:
 
 
 def resolve_act(variant: str, act: str) -> str:
-    """Checks ``act``; every packed format has an int8-activation kernel (1.6-bit too)."""
+    """Checks ``act``; every packed format has an int8-activation kernel (1.6-bit too).
+
+    ternary-lut's lookup tables add two activations in a byte, so its layers always quantize
+    activations to int7 (``int8`` is taken to mean "integer activations"; ``f32`` is refused).
+    """
     if act not in ACTS:
         raise TernvlmError(f"unknown --act {act!r}; choose from {', '.join(ACTS)}")
+    if VARIANTS[variant][1] == "2bit-lut":
+        if act == "f32":
+            raise TernvlmError("--ops ternary-lut takes integer activations (int7), not --act f32")
+        return "int7"
     return act
 
 
 class PackedLinear(nn.Module):
     """y = x (codes * scale)^T (+ bias) (clamped), codes packed in ``fmt``."""
 
-    def __init__(self, q: QuantLinear, mode: str, fmt: str, act_int8: bool = False) -> None:
+    def __init__(self, q: QuantLinear, mode: str, fmt: str, act: str = "f32") -> None:
         super().__init__()
-        self.act_int8 = act_int8 and mode == "custom"
+        self.act_int8 = act == "int8" and mode == "custom"
+        self.act_int7 = act == "int7" and mode == "custom"
         codes = q.codes()
         scale = q.effective_scale(codes.float()).detach().float()
         n, k = codes.shape
@@ -111,6 +126,7 @@ class PackedLinear(nn.Module):
                 self.has_bias,
                 self.clip,
                 self.act_int8,
+                self.act_int7,
             )
         if self.mode == "unpack":
             w = ops.packed_unpack(self.w, self.scale, ops.fmt_id(self.fmt), self.k)
@@ -127,11 +143,20 @@ def concat_linears(mods: list[PackedLinear]) -> PackedLinear:
     streams one bigger matrix and quantizes its input once instead of once per layer.
     """
     first = mods[0]
-    keys = {(m.mode, m.fmt, m.k, m.has_bias, m.clip, m.act_int8, m.scale.shape[1]) for m in mods}
+    keys = {
+        (m.mode, m.fmt, m.k, m.has_bias, m.clip, m.act_int8, m.act_int7, m.scale.shape[1])
+        for m in mods
+    }
     if len(keys) != 1:
         raise TernvlmError("internal error: fused layers differ in format, input size or options")
     f = copy.deepcopy(first)
-    f.w = torch.cat([m.w for m in mods])
+    if first.fmt == "2bit-lut":  # rows interleave in tiles: pack the joined codes again
+        codes = np.concatenate(
+            [unpack(m.w.numpy().view(np.uint8), m.k, m.fmt)[: m.n] for m in mods]
+        )
+        f.w = torch.from_numpy(pack(codes, first.fmt).view(np.int8).copy())
+    else:
+        f.w = torch.cat([m.w for m in mods])
     f.scale = torch.cat([m.scale for m in mods])
     f.bias = torch.cat([m.bias for m in mods])
     f.n = sum(m.n for m in mods)
@@ -238,6 +263,11 @@ def _replace_head(m: nn.Module, fmt: str, act_int8: bool) -> None:
     dec.embed_tokens, dec.lm_head = new_emb, new_head
 
 
+def _head_act_int8(act: str) -> bool:
+    """The int8 / int4 head takes int8 activations whenever the layers take integer ones."""
+    return act in ("int8", "int7")
+
+
 def describe_parts(model: nn.Module, variant: str, act: str = "int8", head: str = "auto") -> dict:
     """Precision of each part of the file: vision, connector, layers (decoder blocks),
     embedding and head, e.g. {"layers": "ternary 2-bit, int8 act", "head": "int8 (tied)"}."""
@@ -249,7 +279,7 @@ def describe_parts(model: nn.Module, variant: str, act: str = "int8", head: str 
     else:
         layer = _BITS[fmt] + {"custom": "", "unpack": " (unpack)", "builtin": " (builtin)"}[mode]
         if mode == "custom":
-            layer += ", int8 act" if layer_act == "int8" else ", f32 act"
+            layer += f", {layer_act} act"
     names = {"vision": "vision", "connector": "connector", "decoder": "layers"}
     parts = {k: (layer if p in quantized else "fp32") for p, k in names.items()}
     if variant == "int8":
@@ -260,7 +290,7 @@ def describe_parts(model: nn.Module, variant: str, act: str = "int8", head: str 
         lm = "int8 dynamic-range" if variant == "int8" else "fp32"
     else:
         parts["embedding"] = head
-        lm = head + (", int8 act" if act == "int8" else ", f32 act")
+        lm = head + (", int8 act" if _head_act_int8(act) else ", f32 act")
     parts["head"] = lm + (" (tied)" if tied else "")
     return parts
 
@@ -283,15 +313,14 @@ def export_copy(model: nn.Module, variant: str, act: str = "int8", head: str = "
             "use --ops fp32 or int8 for a float model"
         )
     m = copy.deepcopy(model).eval()
-    act_int8 = layer_act == "int8"
     for name, q in quant_layers(m).items():
-        new = FloatLinear(q) if mode == "float" else PackedLinear(q, mode, fmt, act_int8)
+        new = FloatLinear(q) if mode == "float" else PackedLinear(q, mode, fmt, layer_act)
         parent, _, leaf = name.rpartition(".")
         setattr(m.get_submodule(parent) if parent else m, leaf, new)
     if mode == "custom":
         _fuse_projections(m)
     if head != "fp32":
-        _replace_head(m, head, act == "int8")
+        _replace_head(m, head, _head_act_int8(act))
     for p in m.parameters():
         p.requires_grad_(False)
     return m

@@ -25,6 +25,7 @@ OP_FORMATS = {
     "1bit": (2, "BinaryMatMul"),
     "int8": (3, "Int8MatMul"),
     "int4": (4, "Int4MatMul"),
+    "2bit-lut": (5, "TernaryMatMul"),  # tile-interleaved for the lookup-table kernel
 }
 UNPACK_CODE = "TernaryUnpack"
 EMBEDDING_CODE = "PackedEmbedding"
@@ -35,7 +36,8 @@ _FMT_BY_ID = {v[0]: k for k, v in OP_FORMATS.items()}
 class OpOptions:
     """The custom options record: magic, version, format, flags, k, clip (little-endian).
 
-    flags: bit 0 has_bias, bit 1 int8 activations (kernels/tvk.h TVK_ACT_INT8).
+    flags: bit 0 has_bias, bit 1 int8 activations (kernels/tvk.h TVK_ACT_INT8), bit 2 int7
+    activations (TVK_ACT_INT7; 2bit-lut needs them).
     """
 
     fmt: str
@@ -43,10 +45,11 @@ class OpOptions:
     has_bias: bool = False
     clip: float = 0.0  # <= 0: none
     act_int8: bool = False
+    act_int7: bool = False
 
     def to_bytes(self) -> bytes:
         fid = OP_FORMATS[self.fmt][0]
-        flags = int(self.has_bias) | (int(self.act_int8) << 1)
+        flags = int(self.has_bias) | (int(self.act_int8) << 1) | (int(self.act_int7) << 2)
         return struct.pack("<4siiiqfi", b"TVK1", 1, fid, flags, self.k, self.clip, 0)
 
     @classmethod
@@ -54,20 +57,24 @@ class OpOptions:
         magic, version, fid, flags, k, clip, _ = struct.unpack("<4siiiqfi", b)
         if magic != b"TVK1" or version != 1 or fid not in _FMT_BY_ID:
             raise ValueError("not a ternvlm custom-op options record")
-        return cls(_FMT_BY_ID[fid], k, bool(flags & 1), clip, bool(flags & 2))
+        return cls(_FMT_BY_ID[fid], k, bool(flags & 1), clip, bool(flags & 2), bool(flags & 4))
 
 
-def _codes(w: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
-    return torch.from_numpy(unpack(w.detach().cpu().numpy().view(np.uint8), k, fmt))
+def _codes(w: torch.Tensor, fmt: str, k: int, n: int) -> torch.Tensor:
+    """Codes [n, k] (2bit-lut arrays hold whole tiles of rows: the first n are W's)."""
+    return torch.from_numpy(unpack(w.detach().cpu().numpy().view(np.uint8), k, fmt)[:n])
 
 
 def _dequant(w: torch.Tensor, scale: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
-    q = _codes(w, fmt, k).float()
+    q = _codes(w, fmt, k, scale.shape[0]).float()
     return q * scale.repeat_interleave(k // scale.shape[1], dim=1)
 
 
-def int8_act_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (codes * scale)^T with x quantized per row to int8, as kernels/tvk.h does.
+def int8_act_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, qmax: int = 127
+) -> torch.Tensor:
+    """x [..., K] @ (codes * scale)^T with x quantized per row to int8 (qmax 127) or int7 (63),
+    as kernels/tvk.h does.
 
     Same float32 operations in the same order as the C kernels (exact integer dots, groups
     summed in order), so an exported file reproduces this to the bit.
@@ -75,7 +82,7 @@ def int8_act_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -
     k = x.shape[-1]
     xf = x.reshape(-1, k).float()
     amax = xf.abs().amax(1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.tensor(float(qmax)) / amax, torch.zeros_like(amax))
     xq = torch.round(xf * inv).clamp(-127, 127)
     n, cols = scale.shape
     g = k // cols
@@ -85,7 +92,7 @@ def int8_act_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -
     total = torch.zeros(xf.shape[0], n)
     for c in range(cols):
         total = total + scale[:, c] * dots[c]
-    y = total * (amax / 127.0)
+    y = total * (amax / float(qmax))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -100,11 +107,14 @@ def packed_matmul(
     has_bias: bool,
     clip: float,
     act_int8: bool = False,
+    act_int7: bool = False,
 ) -> torch.Tensor:
-    """y = x @ dequant(w)^T (+ bias) (clamped): our packed matmul (activations int8 or f32)."""
+    """y = x @ dequant(w)^T (+ bias) (clamped): our packed matmul (activations int8, int7 or
+    f32)."""
     fmt = _FMT_BY_ID[fmt_id]
-    if act_int8:
-        y = int8_act_linear(x, _codes(w, fmt, k), scale)
+    if act_int8 or act_int7:
+        codes = _codes(w, fmt, k, scale.shape[0])
+        y = int8_act_linear(x, codes, scale, 63 if act_int7 else 127)
     else:
         y = torch.nn.functional.linear(x, _dequant(w, scale, fmt, k))
     if has_bias:
@@ -113,8 +123,10 @@ def packed_matmul(
 
 
 @packed_matmul.register_fake
-def _packed_matmul_fake(x, w, scale, bias, fmt_id, k, has_bias, clip, act_int8=False):
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+def _packed_matmul_fake(
+    x, w, scale, bias, fmt_id, k, has_bias, clip, act_int8=False, act_int7=False
+):
+    return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 
 @torch.library.custom_op("ternvlm::packed_embedding", mutates_args=())
@@ -212,9 +224,11 @@ def _register_lowerings() -> None:
         return op.results[0]
 
     @lowerings.lower(torch.ops.ternvlm.packed_matmul)
-    def _lower_matmul(lctx, x, w, scale, bias, fmt_id, k, has_bias, clip, act_int8=False):
+    def _lower_matmul(
+        lctx, x, w, scale, bias, fmt_id, k, has_bias, clip, act_int8=False, act_int7=False
+    ):
         fmt = _FMT_BY_ID[fmt_id]
-        opts = OpOptions(fmt, k, has_bias, clip, act_int8).to_bytes()
+        opts = OpOptions(fmt, k, has_bias, clip, act_int8, act_int7).to_bytes()
         return custom(lctx, [x, w, scale, bias], OP_FORMATS[fmt][1], opts)
 
     @lowerings.lower(torch.ops.ternvlm.packed_embedding)
