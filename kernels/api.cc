@@ -65,7 +65,6 @@ bool ValidFormat(int f) { return f >= 0 && f < kNumFormats; }
 // Per-calling-thread scratch for quantized activations (kept between calls).
 struct ActScratch {
   std::vector<int8_t> xq, xp;
-  std::vector<uint8_t> lut;
   std::vector<int32_t> xsum;
   std::vector<float> d;
 };
@@ -129,17 +128,7 @@ void QuantizeActs(Format fmt, int qmax, const float* x, int64_t M, int64_t K, in
   a.xsum = s.xsum.data();
   a.d = s.d.data();
   a.xp = nullptr;
-  a.lut = nullptr;
   if (!permute) return;
-#if TVK_HAVE_AVX2
-  if (fmt == Format::k2BitLut) {
-    a.lut_stride = 32 * RowBytes(fmt, K);  // 2 pairs of 16 bytes per packed byte
-    s.lut.resize(static_cast<size_t>(M * a.lut_stride));
-    BuildLutTablesAvx2(s.xq.data(), M, K, RowBytes(fmt, K), s.lut.data());
-    a.lut = s.lut.data();
-    return;
-  }
-#endif
   s.xp.assign(static_cast<size_t>(M * a.Kp), 0);
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* q = s.xq.data() + m * K;
@@ -178,8 +167,9 @@ int RunMatmul(Format fmt, int act_mode, const float* x, int64_t M, int64_t K,
     // 2bit-lut's kernel sums whole bytes (4 codes) per scale group.
     const int64_t chunk = lut ? 4 : 32 * CodesPerByte(fmt);
     const bool simd = avx2 && (scale_cols == 1 || p.group % chunk == 0);
-    QuantizeActs(fmt, act_mode == TVK_ACT_INT7 ? 63 : 127, x, M, K, scale_cols, simd, scratch,
-                 act);
+    // 2bit-lut reads xq as it is (its kernel builds lookup tables from it).
+    QuantizeActs(fmt, act_mode == TVK_ACT_INT7 ? 63 : 127, x, M, K, scale_cols, simd && !lut,
+                 scratch, act);
     p.act = &act;
     kernel = MatmulI8Scalar;
 #if TVK_HAVE_AVX2

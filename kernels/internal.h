@@ -125,9 +125,6 @@ struct ActQuant {
   const float* d = nullptr;      // [M]: amax / 127 (0 or NaN, see above)
   int64_t Kp = 0;                // K rounded up to whole chunks
   int64_t chunk = 0;             // codes per chunk
-  // 2bit-lut (AVX2): per row of x, 16 bytes per code pair (lut_avx2.cc), lut_stride apart.
-  const uint8_t* lut = nullptr;
-  int64_t lut_stride = 0;
 };
 
 struct MatmulProblem {
@@ -180,10 +177,8 @@ void QuantizeRowAvx2(const float* x, int64_t K, float inv, int8_t* q);
 // int8 activations from p.act->xp, every format; scale groups must be whole
 // chunks (scale_cols == 1 or group % chunk == 0).
 void MatmulI8Avx2(const MatmulProblem& p, int64_t n0, int64_t n1);
-// 2bit-lut with int7 activations: lookup tables of every row of x (16 bytes per
-// code pair, 8 * row_bytes pairs; pairs past K are zero) into t, then the
-// product from them. n0 must be a multiple of kLutTile; groups whole bytes.
-void BuildLutTablesAvx2(const int8_t* xq, int64_t M, int64_t K, int64_t row_bytes, uint8_t* t);
+// 2bit-lut with int7 activations from p.act->xq (lut_avx2.cc). n0 must be a
+// multiple of kLutTile; scale groups must be whole bytes (group % 4 == 0).
 void MatmulLutAvx2(const MatmulProblem& p, int64_t n0, int64_t n1);
 // out[k - k0] = q[k] * srow[k / group] for k in [k0, k1); k0 must be a
 // multiple of CodesPerByte(fmt) for 1.6bit. Writes nothing outside the range.

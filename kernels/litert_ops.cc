@@ -129,7 +129,8 @@ std::string ExpectConstant(const TensorDesc& t, const char* role, size_t bytes) 
 
 bool SameOptions(const OpOptions& a, const OpOptions& b) {
   return a.format == b.format && a.k == b.k && a.has_bias == b.has_bias &&
-         a.act_int8 == b.act_int8 && a.act_int7 == b.act_int7 && a.clip == b.clip && a.heads == b.heads &&
+         a.act_int8 == b.act_int8 && a.act_int7 == b.act_int7 && a.clip == b.clip &&
+         a.heads == b.heads &&
          a.kv_heads == b.kv_heads && a.head_dim == b.head_dim && a.rot_dim == b.rot_dim &&
          a.scale == b.scale;
 }

@@ -400,40 +400,59 @@ def test_int8_activations_exact(fmt, m, k, n, group_pick, use_bias, raw_bytes, s
             np.testing.assert_array_equal(y, want, err_msg=f"{path} threads={threads}")
 
 
-@pytest.mark.parametrize("fmt", ALL_FORMATS)
+# (format, activation mode): int8 for every format, int7 (any format takes it) for two, and the
+# lookup-table format, which takes int7 only.
+ACT_CASES = [(f, "int8") for f in ALL_FORMATS] + [
+    ("2bit", "int7"),
+    ("int4", "int7"),
+    ("2bit-lut", "int7"),
+]
+QMAX = {"int8": 127, "int7": 63}
+
+
+@pytest.mark.parametrize(("fmt", "act"), ACT_CASES)
 @pytest.mark.parametrize(
     ("m", "k", "n", "cols"),
-    [(1, 576, 1536, 1), (1, 1536, 576, 1), (3, 960, 37, 15), (5, 576, 64, 9), (1, 4096, 8, 1)],
+    [
+        (1, 576, 1536, 1),
+        (1, 1536, 576, 1),
+        (3, 960, 37, 15),
+        (5, 576, 64, 9),
+        (1, 4096, 8, 1),
+        (2, 2048, 1000, 1),
+        (1, 16, 130, 4),
+    ],
 )
-def test_int8_activations_model_shapes(fmt, m, k, n, cols):
-    """Real model widths (576, 960, 1536: not multiples of 256) and group scales."""
+def test_int8_activations_model_shapes(fmt, act, m, k, n, cols):
+    """Real model widths (576, 960, 1536: not multiples of 256), group scales, and N past whole
+    blocks of rows (2bit-lut reads 4 tiles of 32 at a time)."""
     rng = np.random.default_rng(k + n)
     packed = pack(random_codes(rng, n, k, fmt), fmt)
     x = rng.standard_normal((m, k)).astype(np.float32)
     scale = rng.uniform(0.01, 2.0, size=(n, cols)).astype(np.float32)
-    want = int8_act_reference(x, packed, k, scale, fmt)
+    want = int8_act_reference(x, packed, k, scale, fmt, qmax=QMAX[act])
     for path in PATHS:
         kernels.force_path(path)
         np.testing.assert_array_equal(
-            kernels.matmul(x, packed, k, scale, fmt=fmt, act="int8", threads=2), want
+            kernels.matmul(x, packed, k, scale, fmt=fmt, act=act, threads=2), want
         )
-    # close to the float-activation product: int8 rounding is the only difference
+    # close to the float-activation product: activation rounding is the only difference
     w = dequant(packed, k, scale, fmt)
     ref, mag = reference(x, w, None, None)
-    assert (np.abs(want - ref) <= 0.02 * mag + 1e-6).all()
+    assert (np.abs(want - ref) <= 2.5 / QMAX[act] * mag + 1e-6).all()
 
 
-@pytest.mark.parametrize("fmt", ALL_FORMATS)
-def test_int8_activations_non_finite_rows_are_nan(fmt):
+@pytest.mark.parametrize(("fmt", "act"), ACT_CASES)
+def test_int8_activations_non_finite_rows_are_nan(fmt, act):
     rng = np.random.default_rng(3)
-    k, n = 70, 9
+    k, n = 70, 40
     packed = pack(random_codes(rng, n, k, fmt), fmt)
     x = rng.standard_normal((3, k)).astype(np.float32)
     x[0, 5], x[2, 0] = np.inf, np.nan
     scale = np.ones(n, np.float32)
     for path in PATHS:
         kernels.force_path(path)
-        y = kernels.matmul(x, packed, k, scale, fmt=fmt, act="int8")
+        y = kernels.matmul(x, packed, k, scale, fmt=fmt, act=act)
         assert np.isnan(y[0]).all() and np.isnan(y[2]).all() and np.isfinite(y[1]).all()
 
 
