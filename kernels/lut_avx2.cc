@@ -152,11 +152,11 @@ TVK_AVX2 void BuildTables(const int8_t* xq, int64_t m0, int64_t M, int64_t K, in
 }  // namespace
 
 void MatmulLutAvx2(const MatmulProblem& p, int64_t n0, int64_t n1) {
-  // Rows of x go in chunks whose tables (32 * row_bytes each) stay small; within a
+  // Rows of x go in chunks of 16 whose tables (32 * row_bytes each) stay small; within a
   // chunk, weight tiles stay in cache while every row passes over them (prefill),
   // and decode (M = 1) streams them once, four at a time. Each thread builds the
   // tables it reads (a few hundred instructions per row of x).
-  constexpr int64_t kTiles = 4, kRows = 64;
+  constexpr int64_t kTiles = 4, kRows = 16;
   thread_local std::vector<uint8_t> tables;
   const int64_t stride = 32 * p.row_bytes;
   tables.resize(static_cast<size_t>(std::min(kRows, p.M) * stride));

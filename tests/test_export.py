@@ -357,3 +357,20 @@ def test_large_model_custom_options_are_inlined(exported):
     got = [op for sg in back.subgraphs for op in sg.operators if op.customOptions is not None]
     assert [bytes(np.asarray(op.customOptions, np.uint8)) for op in got] == want
     assert all(op.largeCustomOptionsSize == 0 for sg in back.subgraphs for op in sg.operators)
+
+
+def test_lut_variant_takes_int7_activations():
+    """ternary-lut runs int7 activations whatever integer mode is asked; float ones are refused;
+    the options record carries the mode (flag bit 2) both ways."""
+    from ternvlm.export.linear import resolve_act
+    from ternvlm.export.ops import OpOptions
+
+    assert resolve_act("ternary-lut", "int8") == "int7"
+    assert resolve_act("ternary-lut", "int7") == "int7"
+    assert resolve_act("ternary", "int7") == "int7"  # any packed format can take int7
+    with pytest.raises(TernvlmError, match="int7"):
+        resolve_act("ternary-lut", "f32")
+    opts = OpOptions("2bit-lut", 576, True, 0.0, False, True)
+    raw = opts.to_bytes()
+    assert int.from_bytes(raw[8:12], "little") == 5 and int.from_bytes(raw[12:16], "little") == 5
+    assert OpOptions.from_bytes(raw) == opts

@@ -140,7 +140,7 @@ def test_lut_extreme_sums(k, sign):
 
 
 def test_lut_many_rows_of_x():
-    """Prefill-sized M: the kernel builds tables for 64 rows of x at a time."""
+    """Prefill-sized M: the kernel builds tables for 16 rows of x at a time."""
     rng = np.random.default_rng(7)
     m, k, n = 130, 100, 70
     packed = pack(random_codes(rng, n, k, LUT), LUT)

@@ -338,6 +338,9 @@ def _edit_options(data: bytes, edit) -> bytes:
         (lambda b: b[:16] + struct.pack("<q", 30) + b[24:], "rows of 3 bytes"),
         (lambda b: b[:31], "31 bytes"),
         (lambda b: b[:28] + struct.pack("<i", 5), "reserved"),
+        (lambda b: b[:8] + struct.pack("<ii", 5, 1) + b[16:], "need int7 activations"),
+        (lambda b: b[:8] + struct.pack("<ii", 0, 7) + b[16:], "both int8 and int7"),
+        (lambda b: b[:8] + struct.pack("<ii", 5, 5) + b[16:], "whole tiles of 32"),  # N = 7
     ],
 )
 def test_bad_custom_options(zoo, tmp_path, edit, why):
