@@ -627,10 +627,9 @@ LiteRtStatus Run(void* user_data, size_t num_inputs, const LiteRtTensorBuffer* i
       y.type.element_type != kLiteRtElementTypeFloat32) {
     return Fail(ctx, kind, "unexpected weight, scale or output type");
   }
-  // 2bit-lut (the only format whose weight rows are not N): N from the scale, checked below
-  // against the node and the weight rows against N.
-  const int64_t rb = wl.dimensions[1], cols = sl.dimensions[1];
-  const int64_t n = wl.dimensions[0] == sl.dimensions[0] ? wl.dimensions[0] : sl.dimensions[0];
+  // N from the scale (2bit-lut pads the weight rows to whole tiles): checked below against the
+  // node, and the weight rows against N.
+  const int64_t n = sl.dimensions[0], rb = wl.dimensions[1], cols = sl.dimensions[1];
   int64_t m = 1, k = 0;
   const LiteRtLayout& xl = x.type.layout;
   if (unpack) {

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ternvlm.errors import TernvlmError
-from ternvlm.quant.pack import CODE_RANGE, pack, packed_row_bytes, unpack
+from ternvlm.quant.pack import CODE_RANGE, pack, packed_row_bytes, packed_rows, unpack
 from ternvlm.runtime import kernels
 
 FORMATS = ["2bit", "1.6bit", "1bit"]
@@ -365,41 +365,6 @@ def int8_act_reference(x, packed, k, scale, fmt, bias=None, clip=None, qmax=127)
     return y
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    fmt=st.sampled_from(ALL_FORMATS),
-    m=st.integers(1, 9),
-    k=st.integers(1, 400),
-    n=st.integers(1, 40),
-    group_pick=st.integers(0, 1000),
-    use_bias=st.booleans(),
-    raw_bytes=st.booleans(),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_int8_activations_exact(fmt, m, k, n, group_pick, use_bias, raw_bytes, seed):
-    """Every path and thread count equals the float32 formula bit for bit."""
-    rng = np.random.default_rng(seed)
-    divisors = [d for d in range(1, k + 1) if k % d == 0]
-    cols = divisors[group_pick % len(divisors)]
-    if raw_bytes:  # any byte (1.6-bit 243-255, 2-bit code 3): decoded like unpack()
-        packed = rng.integers(0, 256, size=(n, packed_row_bytes(k, fmt)), dtype=np.uint8)
-    else:
-        packed = pack(random_codes(rng, n, k, fmt), fmt)
-    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100)).astype(np.float32)
-    if m > 1:
-        x[rng.integers(m)] = 0  # an all-zero row gives 0 (+ bias)
-    scale = rng.uniform(0.01, 2.0, size=(n, cols)).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
-    want = int8_act_reference(x, packed, k, scale, fmt, bias, 3.0)
-    for path in PATHS:
-        kernels.force_path(path)
-        for threads in (1, 2):
-            y = kernels.matmul(
-                x, packed, k, scale, fmt=fmt, act="int8", bias=bias, clip=3.0, threads=threads
-            )
-            np.testing.assert_array_equal(y, want, err_msg=f"{path} threads={threads}")
-
-
 # (format, activation mode): int8 for every format, int7 (any format takes it) for two, and the
 # lookup-table format, which takes int7 only.
 ACT_CASES = [(f, "int8") for f in ALL_FORMATS] + [
@@ -408,6 +373,44 @@ ACT_CASES = [(f, "int8") for f in ALL_FORMATS] + [
     ("2bit-lut", "int7"),
 ]
 QMAX = {"int8": 127, "int7": 63}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    case=st.sampled_from(ACT_CASES),
+    m=st.integers(1, 9),
+    k=st.integers(1, 400),
+    n=st.integers(1, 300),
+    group_pick=st.integers(0, 1000),
+    use_bias=st.booleans(),
+    raw_bytes=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_int8_activations_exact(case, m, k, n, group_pick, use_bias, raw_bytes, seed):
+    """Every path and thread count equals the float32 formula bit for bit, for any N and K
+    (2bit-lut: partial tiles of 32 and groups of 4 tiles; groups of whole bytes or not)."""
+    fmt, act = case
+    rng = np.random.default_rng(seed)
+    divisors = [d for d in range(1, k + 1) if k % d == 0]
+    cols = divisors[group_pick % len(divisors)]
+    if raw_bytes:  # any byte (1.6-bit 243-255, 2-bit code 3, 2bit-lut nibbles 9-15): as unpack()
+        shape = (packed_rows(n, fmt), packed_row_bytes(k, fmt))
+        packed = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    else:
+        packed = pack(random_codes(rng, n, k, fmt), fmt)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 100)).astype(np.float32)
+    if m > 1:
+        x[rng.integers(m)] = 0  # an all-zero row gives 0 (+ bias)
+    scale = rng.uniform(0.01, 2.0, size=(n, cols)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    want = int8_act_reference(x, packed, k, scale, fmt, bias, 3.0, qmax=QMAX[act])
+    for path in PATHS:
+        kernels.force_path(path)
+        for threads in (1, 2):
+            y = kernels.matmul(
+                x, packed, k, scale, fmt=fmt, act=act, bias=bias, clip=3.0, threads=threads
+            )
+            np.testing.assert_array_equal(y, want, err_msg=f"{path} threads={threads}")
 
 
 @pytest.mark.parametrize(("fmt", "act"), ACT_CASES)
