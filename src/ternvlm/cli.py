@@ -404,7 +404,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--gen", type=int, default=32, help="generated tokens per round")
     p.add_argument("--text-tokens", type=int, default=16, help="prompt text after the image")
     p.add_argument("--head", default="int8", choices=["fp32", "int8", "int4"])
-    p.add_argument("--act", default="int8", choices=["int8", "f32"])
+    p.add_argument(
+        "--act",
+        default="int8",
+        choices=["int8", "f32", "int7"],
+        help="activations of the packed matmuls (ternary-lut always runs int7)",
+    )
     p.add_argument("--peer", default=None, choices=["llama.cpp"])
     p.add_argument("--eval-scenes", type=int, default=128, help="0: no perplexity / QA")
     p.add_argument("--out", default="bench_out")
