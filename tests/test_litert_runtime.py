@@ -18,6 +18,8 @@ from ternvlm.errors import TernvlmError
 from ternvlm.quant.pack import pack, unpack
 from ternvlm.runtime import kernels, litert
 
+from .test_kernels import QMAX, int8_act_reference
+
 RTOL = 1e-5  # relative to sum_k |x| |w| (+ |bias|): float32 sums in any order stay inside
 KMAX = 300
 LEADS = {"prefill": (2, 3), "decode": (1, 1)}  # x is [*lead, KMAX]: M = 6 and M = 1
@@ -31,6 +33,7 @@ class Case:
     cols: int  # scale columns: 1 per row, > 1 per group of k // cols
     bias: bool = False
     clip: float = 0.0
+    act: str = "f32"  # or int8 / int7 (2bit-lut takes int7 only)
 
 
 MATMULS = [
@@ -43,6 +46,7 @@ MATMULS = [
     Case("1bit", 9, 32, 2, clip=2.0),
     Case("2bit", 4, 12, 1, bias=True),  # twins: same shapes, different options,
     Case("2bit", 4, 12, 1, clip=0.3),  # so the kernels must tell the nodes apart
+    Case("2bit-lut", 37, 300, 3, bias=True, act="int7"),  # N = 37: rows padded to 64
 ]
 CHAIN = Case("1.6bit", 3, 7, 1)  # after relu(MATMULS[0]): K = 7, a builtin op in between
 UNPACKS = [Case("2bit", 6, 10, 2), Case("1.6bit", 4, 7, 1), Case("1bit", 5, 17, 1)]
@@ -60,7 +64,7 @@ def _weights(rng, c: Case):
 
 
 def dequant(packed, c: Case, scale):
-    return unpack(packed, c.k, c.fmt).astype(np.float64) * np.repeat(
+    return unpack(packed, c.k, c.fmt)[: c.n].astype(np.float64) * np.repeat(
         scale.astype(np.float64), c.k // c.cols, axis=1
     )
 
@@ -70,6 +74,11 @@ def reference(x, c: Case, packed, scale, bias):
     w = dequant(packed, c, scale)
     x64 = x.astype(np.float64)
     y, mag = x64 @ w.T, np.abs(x64) @ np.abs(w).T
+    if c.act != "f32":  # the integer-activation formula of tvk.h (bias and clip included)
+        x2 = x.reshape(-1, c.k)
+        b, clip, qmax = bias if c.bias else None, c.clip or None, QMAX[c.act]
+        y = int8_act_reference(x2, packed, c.k, scale, c.fmt, b, clip, qmax)
+        return y.reshape(*x.shape[:-1], c.n), mag + (np.abs(bias) if c.bias else 0)
     if c.bias:
         y, mag = y + bias, mag + np.abs(bias)
     if c.clip > 0:
@@ -81,7 +90,9 @@ def kernel_reference(x, c: Case, packed, scale, bias):
     """The same product through ternvlm.runtime.kernels (what the custom op calls)."""
     x2 = np.ascontiguousarray(x.reshape(-1, c.k))
     kw = {"bias": bias if c.bias else None, "clip": c.clip or None}
-    if c.fmt == "1bit":
+    if c.act != "f32":
+        y = kernels.matmul(x2, packed, c.k, scale, fmt=c.fmt, act=c.act, **kw)
+    elif c.fmt == "1bit":
         y = kernels.binary_matmul(x2, packed, c.k, scale, **kw)
     else:
         y = kernels.ternary_matmul(x2, packed, c.k, scale, fmt=c.fmt, **kw)
@@ -119,7 +130,8 @@ def zoo(tmp_path_factory):
 
         def mm(self, i, c, x):
             w, s, b = getattr(self, f"w{i}"), getattr(self, f"s{i}"), getattr(self, f"b{i}")
-            return ops.packed_matmul(x, w, s, b, ops.fmt_id(c.fmt), c.k, c.bias, c.clip)
+            fid, int8, int7 = ops.fmt_id(c.fmt), c.act == "int8", c.act == "int7"
+            return ops.packed_matmul(x, w, s, b, fid, c.k, c.bias, c.clip, int8, int7)
 
         def forward(self, x):
             outs = [self.mm(i, c, x[..., : c.k]) for i, c in enumerate(MATMULS)]
