@@ -1,8 +1,9 @@
 """Batch-1 (decode) timing of the compiled kernels against numpy float32 and the memory roofline.
 
 For each weight shape N x K, format (2bit, 2bit-lut, 1.6bit, 1bit, int8, int4) and activation
-mode (f32, int8; 2bit-lut takes int7 only, and int7 is shown for 2bit-lut only): the median microseconds of y[M, N] = x[M, K] . W^T through the generic C entry point
-tvk_matmul at 1 and 2 threads, next to numpy's float32 ``x @ W.T`` (single-threaded BLAS unless
+mode (f32, int8; 2bit-lut takes int7 only, and int7 is shown for 2bit-lut only): the median
+microseconds of y[M, N] = x[M, K] . W^T through the generic C entry point tvk_matmul at 1 and 2
+threads, next to numpy's float32 ``x @ W.T`` (single-threaded BLAS unless
 --numpy-threads says otherwise). Decode reads every weight byte once per token, so each row also
 shows its effective weight bandwidth (packed weight bytes / median time; scales excluded) and that
 as a fraction of the machine's read bandwidth at the same thread count, measured in the same run

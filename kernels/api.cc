@@ -73,7 +73,6 @@ struct ActScratch {
 // `permute`, lays it out for the SIMD kernels.
 void QuantizeActs(Format fmt, int qmax, const float* x, int64_t M, int64_t K, int64_t scale_cols,
                   bool permute, ActScratch& s, ActQuant& a) {
-  a.qmax = qmax;
   const int64_t cpb = CodesPerByte(fmt);
   a.chunk = 32 * cpb;
   a.Kp = (K + a.chunk - 1) / a.chunk * a.chunk;
@@ -161,8 +160,8 @@ int RunMatmul(Format fmt, int act_mode, const float* x, int64_t M, int64_t K,
   const bool avx2 = TVK_HAVE_AVX2 && SelectPath() == TVK_PATH_AVX2;
   thread_local ActScratch scratch;
   ActQuant act;
-  const bool act_int8 = act_mode != TVK_ACT_F32;
-  if (act_int8) {
+  const bool int_act = act_mode != TVK_ACT_F32;  // int8 or int7
+  if (int_act) {
     const bool lut = fmt == Format::k2BitLut;
     // 2bit-lut's kernel sums whole bytes (4 codes) per scale group.
     const int64_t chunk = lut ? 4 : 32 * CodesPerByte(fmt);
@@ -179,7 +178,7 @@ int RunMatmul(Format fmt, int act_mode, const float* x, int64_t M, int64_t K,
   }
 #if TVK_HAVE_AVX2
   const bool float_simd = fmt == Format::k2Bit || fmt == Format::k1p6Bit || fmt == Format::k1Bit;
-  if (!act_int8 && avx2 && float_simd) {
+  if (!int_act && avx2 && float_simd) {
     if (fmt != Format::k1p6Bit && M <= kSmallM) {
       kernel = MatmulSmallMAvx2;
     } else {

@@ -49,7 +49,7 @@ constexpr int64_t RowBytes(Format f, int64_t k) {
 }
 
 // 2bit-lut interleaves rows in tiles of kLutTile (tvk.h): the bytes of row n
-// start at RowPtr and follow each other kLutTile bytes apart (RowStride).
+// start at RowPtr and follow each other kLutTile bytes apart (CodeAt reads them so).
 constexpr int64_t kLutTile = 32;
 constexpr int64_t StoredRows(Format f, int64_t n) {
   return f == Format::k2BitLut ? (n + kLutTile - 1) / kLutTile * kLutTile : n;
@@ -118,7 +118,6 @@ inline int CodeAt(const uint8_t* row, int64_t k) {
 //   xp[c * chunk + s * 32 + j] = xq[c * chunk + CodesPerByte * j + s]
 // and positions past K are 0 (the weights there may be anything).
 struct ActQuant {
-  int qmax = 127;                // 127 (TVK_ACT_INT8) or 63 (TVK_ACT_INT7)
   const int8_t* xq = nullptr;    // [M, K] row-major (reference path)
   const int8_t* xp = nullptr;    // [M, Kp] permuted (SIMD path) or nullptr
   const int32_t* xsum = nullptr; // [M, scale_cols]: sum of xq per scale group

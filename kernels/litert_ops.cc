@@ -45,11 +45,9 @@ bool FormatFits(OpKind kind, int format) {
          (kind == kTernaryMatMul && format == TVK_FMT_2BIT_LUT);
 }
 
-// Rows of W (N) from the weight and scale shapes, and the rows the weight tensor must hold:
-// 2bit-lut pads N to whole tiles of 32 and takes N from the scale.
-int64_t WeightRows(int format, int64_t n) {
-  return format == TVK_FMT_2BIT_LUT ? (n + 31) / 32 * 32 : n;
-}
+// Rows the weight tensor holds for N rows of W (2bit-lut: whole tiles of 32), by the
+// library's own rule: the bytes of an N x 1 matrix are its stored rows (negative if N is bad).
+int64_t WeightRows(int format, int64_t n) { return tvk_weight_bytes(format, n, 1); }
 
 int ActMode(const OpOptions& opt) {
   return opt.act_int7 ? TVK_ACT_INT7 : opt.act_int8 ? TVK_ACT_INT8 : TVK_ACT_F32;

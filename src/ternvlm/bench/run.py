@@ -2,9 +2,9 @@
 
 For a model (a trained checkpoint, or a preset with random weights) it exports each variant
 (fp32, dynamic-range int8, ternary, ternary-lut, ternary158, unpack, binary) once, then measures
-them in fresh child processes (bench/child.py), interleaved: round r runs every (threads, variant) once
-before round r + 1 starts, so machine noise hits all variants alike. Optionally the same
-decoder on llama.cpp (``--peer llama.cpp``) in the same rounds. Trained models also get
+them in fresh child processes (bench/child.py), interleaved: round r runs every (threads,
+variant) once before round r + 1 starts, so machine noise hits all variants alike. Optionally the
+same decoder on llama.cpp (``--peer llama.cpp``) in the same rounds. Trained models also get
 perplexity and QA accuracy of each exported file on LiteRT. Output: bench.json, bench.md and
 two PNG charts (bench/report.py).
 """

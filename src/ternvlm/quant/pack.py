@@ -106,7 +106,7 @@ def unpack(packed: np.ndarray, k: int, fmt: str) -> np.ndarray:
 def _pack_lut(codes: np.ndarray) -> np.ndarray:
     n, k = codes.shape
     rows = packed_rows(n, "2bit-lut")
-    full = np.zeros((rows, codes.shape[1]), dtype=np.int32)
+    full = np.zeros((rows, k), dtype=np.int32)
     full[:n] = codes
     g = _padded(full + 1, 4, 1)  # [rows, bytes, 4]
     nib = g[..., 0::2] + 3 * g[..., 1::2]  # pair indices [rows, bytes, 2]

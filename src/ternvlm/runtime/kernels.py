@@ -115,16 +115,11 @@ def _weights(packed, k, scale, fmt: str) -> tuple[np.ndarray, int, np.ndarray, i
     k = int(k)
     if not isinstance(packed, np.ndarray) or packed.ndim != 2:
         raise TernvlmError(f"packed must be a 2-D numpy array [N, {packed_row_bytes(k, fmt)}]")
-    n = packed.shape[0]
-    if fmt == "2bit-lut":  # the array holds whole tiles: N comes from the scale
-        if not isinstance(scale, np.ndarray) or scale.ndim not in (1, 2) or not scale.shape[0]:
-            raise TernvlmError(
-                "scale must be a numpy array [N] or [N, C] (2bit-lut takes N from it)"
-            )
-        n = scale.shape[0]
-    _array("packed", packed, np.uint8, (packed_rows(n, fmt), packed_row_bytes(k, fmt)))
     if not isinstance(scale, np.ndarray) or scale.ndim not in (1, 2):
-        raise TernvlmError(f"scale must be a numpy array [N] or [N, C] with N={n}")
+        raise TernvlmError(f"scale must be a numpy array [N] or [N, C] with N={packed.shape[0]}")
+    # N: the packed rows, or for 2bit-lut (whole tiles of rows) the scale's rows
+    n = scale.shape[0] if fmt == "2bit-lut" else packed.shape[0]
+    _array("packed", packed, np.uint8, (packed_rows(n, fmt), packed_row_bytes(k, fmt)))
     cols = 1 if scale.ndim == 1 else scale.shape[1]
     _array("scale", scale, np.float32, (n,) if scale.ndim == 1 else (n, cols))
     return packed, k, scale, cols
