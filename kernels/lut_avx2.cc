@@ -44,38 +44,63 @@ constexpr int AccIndex(int r) {
   return (2 * (r % 2) + half) * 8 + w % 4 + 4 * (w / 8);
 }
 
+// One packed byte j of a tile: looks its 32 low and 32 high pair indices up in the
+// tables t0, t1 and adds the sums to the block accumulators (FlushBlock).
+TVK_AVX2 inline void LookUp(__m256i t0, __m256i t1, const uint8_t* src, __m256i& e, __m256i& o) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i l0 = _mm256_shuffle_epi8(t0, _mm256_and_si256(v, m4));
+  const __m256i l1 = _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+  e = _mm256_add_epi16(e, _mm256_add_epi16(l0, l1));
+  o = _mm256_add_epi16(o, _mm256_add_epi16(_mm256_srli_epi16(l0, 8), _mm256_srli_epi16(l1, 8)));
+}
+
+TVK_AVX2 inline __m256i Table(const uint8_t* tab, int64_t j, int half) {
+  return _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(tab + 32 * j + 16 * half)));
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define TVK_NO_TREE_PRE __attribute__((optimize("no-tree-pre")))
+#else
+#define TVK_NO_TREE_PRE
+#endif
+
+constexpr int64_t kLutAhead = 64;  // software prefetch distance, packed bytes of a row
+
 // Row sums (with the +128 per lookup still in) of TT tiles from `tile` over the
 // packed bytes [j0, j1) for one row of x (tables `tab`), in AccIndex order.
+// Built without GCC's partial redundancy elimination: with it, GCC 12 keeps two
+// copies of the accumulators and spills two of them to the stack at every byte j.
 template <int TT>
-TVK_AVX2 void TileSums(const uint8_t* w, int64_t row_bytes, int64_t tile, const uint8_t* tab,
-                       int64_t j0, int64_t j1, __m256i (*acc)[4]) {
-  const __m256i m4 = _mm256_set1_epi8(15);
-  const uint8_t* base = w + tile * kLutTile * row_bytes;
-  // May point past the buffer (a hint, computed as an integer).
-  const uintptr_t ahead = static_cast<uintptr_t>(TT * kLutTile * row_bytes);
+TVK_AVX2 TVK_NO_TREE_PRE void TileSums(
+    const uint8_t* w, int64_t row_bytes, int64_t tile, const uint8_t* tab, int64_t j0, int64_t j1,
+    __m256i (*acc)[4]) {
+  const int64_t tile_bytes = kLutTile * row_bytes;
+  const uint8_t* base = w + tile * tile_bytes;
+  // Software prefetch, one line per tile per two bytes j, kLutAhead bytes of a row
+  // ahead; past the end of a tile it goes on in the same tile of the next group, as
+  // the hardware prefetchers do not follow four streams into a new group. Computed
+  // as integers: the address may lie past the buffer (a hint).
+  const uintptr_t near = static_cast<uintptr_t>(kLutAhead * kLutTile);
+  const uintptr_t far = near + static_cast<uintptr_t>((TT - 1) * tile_bytes);
   for (int64_t b0 = j0; b0 < j1; b0 += kLutBlock) {
     const int64_t b1 = std::min(j1, b0 + kLutBlock);
     __m256i e[TT], o[TT];
     for (int q = 0; q < TT; ++q) e[q] = o[q] = _mm256_setzero_si256();
     for (int64_t j = b0; j < b1; ++j) {
-      const __m128i* tj = reinterpret_cast<const __m128i*>(tab + 32 * j);
-      const __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(tj));
-      const __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(tj + 1));
-      for (int q = 0; q < TT; ++q) {
-        const uint8_t* src = base + (q * row_bytes + j) * kLutTile;
-        // The same line of the next group of tiles (+10% beyond the LLC at K = 1536 on the
-        // EPYC VM: the hardware prefetchers do not follow 4 streams into a new group).
-        if ((j & 1) == 0) {
-          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src) + ahead),
-                       _MM_HINT_T0);
-        }
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-        const __m256i l0 = _mm256_shuffle_epi8(t0, _mm256_and_si256(v, m4));
-        const __m256i l1 = _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
-        e[q] = _mm256_add_epi16(e[q], _mm256_add_epi16(l0, l1));
-        o[q] = _mm256_add_epi16(
-            o[q], _mm256_add_epi16(_mm256_srli_epi16(l0, 8), _mm256_srli_epi16(l1, 8)));
+      const uint8_t* src = base + j * kLutTile;
+      // A line holds bytes j and j + 1 (j even) of a tile: half the tiles fetch theirs at
+      // an even j, the other half at the odd j after it.
+      const int64_t odd = j & 1;
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(src) - odd * kLutTile +
+                              odd * (TT / 2) * tile_bytes +
+                              (j + kLutAhead < row_bytes ? near : far);
+      for (int q = 0; q < (TT + 1) / 2; ++q) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + q * tile_bytes), _MM_HINT_T0);
       }
+      const __m256i t0 = Table(tab, j, 0), t1 = Table(tab, j, 1);
+      for (int q = 0; q < TT; ++q) LookUp(t0, t1, src + q * tile_bytes, e[q], o[q]);
     }
     for (int q = 0; q < TT; ++q) FlushBlock(e[q], o[q], acc[q]);
   }
