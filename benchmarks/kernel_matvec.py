@@ -9,7 +9,10 @@ shows its effective weight bandwidth (packed weight bytes / median time; scales 
 as a fraction of the machine's read bandwidth at the same thread count, measured in the same run
 on a buffer beyond the last-level cache (ternvlm.bench.machine.read_bandwidth). That ceiling is a
 best-of-runs number, so the kernel's best run is set against it as well ("of read BW, best"), next
-to the median (a noisy machine slows some runs of a long measurement). Matrices that fit
+to the median (a noisy machine slows some runs of a long measurement). For matrices beyond the
+LLC the read bandwidth is measured again right after each kernel's timing ("of nearby read BW"):
+on a shared VM a busy neighbour that slows the kernel for a while slows that read too, so the
+ratio to it tells the kernel from the machine's moment. Matrices that fit
 in the LLC are called repeatedly on the same weights (what decode of a small layer sees), so
 their fraction can exceed 1; larger ones stream from DRAM on every call. The kernels are called
 through ctypes with preallocated buffers, so the Python wrapper's argument checks are not timed.
@@ -98,7 +101,9 @@ def where(nbytes: int, llc: int | None) -> str:
     return "?" if llc is None else ("in LLC" if nbytes <= llc else "beyond LLC")
 
 
-def bench_shape(n: int, k: int, rng, read_gbs: dict[int, float], llc: int | None) -> list[dict]:
+def bench_shape(
+    n: int, k: int, rng, read_gbs: dict[int, float], llc: int | None, bw_mb: int
+) -> list[dict]:
     m = ARGS.m
     if ARGS.group and k % ARGS.group:
         sys.exit(f"--group {ARGS.group} does not divide K={k}")
@@ -112,6 +117,9 @@ def bench_shape(n: int, k: int, rng, read_gbs: dict[int, float], llc: int | None
         gbs = nbytes / (us * 1e-6) / 1e9
         best_gbs = nbytes / (best * 1e-6) / 1e9
         ceiling = read_gbs.get(threads)
+        nearby = None
+        if ceiling is not None and llc is not None and nbytes > llc:
+            nearby = read_bandwidth(threads, mb=bw_mb, repeats=2)
         return {
             "shape": f"{n}x{k}",
             "weight_bytes": nbytes,
@@ -125,6 +133,8 @@ def bench_shape(n: int, k: int, rng, read_gbs: dict[int, float], llc: int | None
             "weight_gbs": gbs,
             "of_read_bw": None if ceiling is None else gbs / ceiling,
             "of_read_bw_best": None if ceiling is None else best_gbs / ceiling,
+            "read_gbs_nearby": nearby,
+            "of_read_bw_nearby": None if nearby is None else gbs / nearby,
             "vs_numpy": numpy_us / us,
             "vs_scalar_1t": None if scalar_us is None else scalar_us / us,
         }
@@ -169,7 +179,7 @@ def main() -> None:
     rows = []
     for shape in ARGS.shapes.split(","):
         n, k = (int(v) for v in shape.lower().split("x"))
-        rows += bench_shape(n, k, rng, read_gbs, llc)
+        rows += bench_shape(n, k, rng, read_gbs, llc, bw_mb)
 
     scales = "per-row scales" if ARGS.group == 0 else f"scale groups of {ARGS.group}"
     llc_text = "unknown" if llc is None else f"{llc / 2**20:.0f} MiB"
@@ -178,21 +188,28 @@ def main() -> None:
     print(f"read bandwidth ({bw_mb} MiB buffer): {bw_text}")
     print(f"M={ARGS.m}, {scales}; W is N x K; speedup = time(other) / time(this row)")
     print("weight GB/s = packed weight bytes / median time; of read BW = that / read bandwidth;")
-    print("best = the same with the fastest call (the read bandwidth is a best-of as well)\n")
+    print("best = the same with the fastest call (the read bandwidth is a best-of as well);")
+    print("nearby = median against the read bandwidth measured right after (beyond the LLC)\n")
     print(
         "| N x K | W MiB | vs LLC | format | act | path | threads | median us | weight GB/s "
-        "| of read BW | of read BW, best | vs numpy f32 | vs scalar 1t |"
+        "| of read BW | of read BW, best | of nearby read BW | vs numpy f32 | vs scalar 1t |"
     )
-    print("| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |"
+    )
     for r in rows:
         frac = "" if r["of_read_bw"] is None else f"{r['of_read_bw']:.2f}"
         frac_best = "" if r["of_read_bw_best"] is None else f"{r['of_read_bw_best']:.2f}"
+        near = r.get("of_read_bw_nearby")
+        frac_near = "" if near is None else f"{near:.2f}"
         rel = "" if r["vs_scalar_1t"] is None else f"{r['vs_scalar_1t']:.1f}x"
         threads = "" if r["threads"] is None else r["threads"]
         print(
             f"| {r['shape']} | {r['weight_bytes'] / 2**20:.1f} | {r['vs_llc']} | {r['format']} "
             f"| {r['act']} | {r['path']} | {threads} | {r['median_us']:.1f} "
-            f"| {r['weight_gbs']:.1f} | {frac} | {frac_best} | {r['vs_numpy']:.2f}x | {rel} |"
+            f"| {r['weight_gbs']:.1f} | {frac} | {frac_best} | {frac_near} "
+            f"| {r['vs_numpy']:.2f}x | {rel} |"
         )
     if ARGS.json is not None:
         settings = {k: v for k, v in vars(ARGS).items() if k != "json"}

@@ -147,7 +147,7 @@ def test_kernel_matvec_script(tmp_path):
     out = tmp_path / "mv.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_matvec.py"), "--shapes", "64x96"]
     cmd += ["--formats", "2bit,int8", "--acts", "int8", "--threads", "1,2", "--budget", "0.01"]
-    cmd += ["--bw-mb", "1", "--json", str(out)]
+    cmd += ["--bw-mb", "1", "--llc-mib", "0.001", "--json", str(out)]  # all "beyond the LLC"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
     assert "| 64x96 |" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
@@ -159,5 +159,8 @@ def test_kernel_matvec_script(tmp_path):
     ]
     for r in rows:
         assert 0 < r["best_us"] <= r["median_us"]
-        if r["of_read_bw"] is not None:
-            assert r["of_read_bw_best"] >= r["of_read_bw"] > 0
+        assert r["vs_llc"] == "beyond LLC"
+        assert r["of_read_bw_best"] >= r["of_read_bw"] > 0
+        # the ceiling read again after the kernel's timing, and the ratio to it
+        assert r["read_gbs_nearby"] > 0
+        assert r["of_read_bw_nearby"] == pytest.approx(r["weight_gbs"] / r["read_gbs_nearby"])
