@@ -118,7 +118,7 @@ def bench_shape(
         best_gbs = nbytes / (best * 1e-6) / 1e9
         ceiling = read_gbs.get(threads)
         nearby = None
-        if ceiling is not None and llc is not None and nbytes > llc:
+        if ceiling is not None and where(nbytes, llc) == "beyond LLC":
             nearby = read_bandwidth(threads, mb=bw_mb, repeats=2)
         return {
             "shape": f"{n}x{k}",
@@ -201,7 +201,7 @@ def main() -> None:
     for r in rows:
         frac = "" if r["of_read_bw"] is None else f"{r['of_read_bw']:.2f}"
         frac_best = "" if r["of_read_bw_best"] is None else f"{r['of_read_bw_best']:.2f}"
-        near = r.get("of_read_bw_nearby")
+        near = r["of_read_bw_nearby"]
         frac_near = "" if near is None else f"{near:.2f}"
         rel = "" if r["vs_scalar_1t"] is None else f"{r['vs_scalar_1t']:.1f}x"
         threads = "" if r["threads"] is None else r["threads"]
